@@ -1,0 +1,133 @@
+"""Benchmarks of `mugshotrace.faces`, each a ratio against a baseline run in the same invocation.
+
+1. openface: `preprocess(workers=W)` (process pool) vs a naive single-process loop producing the same files;
+2. mtcnn: batched detection (`faces_mtcnn.mtcnn_detect`, equal-size batches) vs one facenet-pytorch `MTCNN.detect`
+   call per image, on the same images, checking the boxes agree;
+3. openface detection on a downscaled copy (`detect_max_side`, landmarks still on the full image) vs the faithful
+   full-image detection: speed and what changes in the output (status, box, landmarks, pixels).
+
+Images: the synth benchmark (`mugshotrace.synth.make_benchmark`) when that module exists, else mugshot-sized
+(480x600) rotations/scalings/brightness changes of the two real photos shipped with matplotlib and scikit-image.
+
+    python bench/bench_faces.py [--n 500] [--workers 2] [--batch-size 16] [--n-mtcnn N] [--out DIR] [--only pool,mtcnn,downscale]
+"""
+import argparse, os, shutil, sys, tempfile, time
+from pathlib import Path
+import numpy as np, pandas as pd
+from PIL import Image
+
+def make_images(d:Path, n:int, seed:int=0)->tuple[pd.DataFrame, Path, str]:
+    "n images in `d` and their table; (table, images_root, source description)."
+    try:
+        from mugshotrace.synth import make_benchmark, SynthConfig
+        people = 8
+        while True:
+            root = make_benchmark(d/f'synth{people}', SynthConfig(people=people, seed=seed))
+            lab = pd.read_csv(Path(root)/'labels.csv', dtype={'image_id': str})
+            if len(lab) >= n or people > 4 * n: break
+            people *= 2
+        return lab[['image_id', 'path']].head(n).reset_index(drop=True), Path(root), f'synth ({len(lab)} made, first {n})'
+    except ImportError: pass
+    import cv2
+    from mugshotrace.core import sample_face_photos
+    rng = np.random.default_rng(seed); (d/'img').mkdir(parents=True, exist_ok=True); rows = []
+    srcs = [np.asarray(Image.open(p).convert('RGB')) for p in sample_face_photos().values()]
+    for k in range(n):
+        a = srcs[k % 2]; h, w = a.shape[:2]
+        M = cv2.getRotationMatrix2D((w / 2 + rng.normal(0, 10), h / 2 + rng.normal(0, 10)), rng.uniform(-15, 15), rng.uniform(0.8, 1.15))
+        b = cv2.warpAffine(a, M, (w, h), borderMode=cv2.BORDER_REFLECT)
+        b = np.clip(b * rng.uniform(0.7, 1.2) + rng.normal(0, 3, b.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(cv2.resize(b, (480, 600), interpolation=cv2.INTER_AREA)).save(d/'img'/f'im{k:04d}.jpg', quality=92)
+        rows.append((f'im{k:04d}', f'im{k:04d}.jpg'))
+    return pd.DataFrame(rows, columns=['image_id', 'path']), d/'img', 'warped real photos (grace_hopper, astronaut), 480x600'
+
+def naive_openface(tab, root, out:Path, size):
+    "The baseline: a plain loop, one process, writing the same files as `preprocess`."
+    import cv2
+    from mugshotrace.core import load_rgb, ImageError
+    from mugshotrace.faces_align import align_openface
+    from mugshotrace.faces import output_name
+    (out/'images').mkdir(parents=True, exist_ok=True); n_ok = 0
+    for iid, p in zip(tab.image_id, tab.path):
+        try: fc = align_openface(load_rgb(root/p, min_size=20)[0], size)
+        except ImageError: continue
+        cv2.imwrite(str(out/'images'/output_name(iid)), fc.image[..., ::-1]); n_ok += 1
+    return n_ok
+
+def bench_pool(tab, root, tmp, workers, size):
+    from mugshotrace.faces import preprocess
+    t = time.perf_counter(); n_ok = naive_openface(tab, root, tmp/'naive', size); t_naive = time.perf_counter() - t
+    t = time.perf_counter(); m = preprocess(tab, root, 'openface', tmp/'pool', size=size, workers=workers, progress=False); t_pool = time.perf_counter() - t
+    same = all((tmp/'naive'/'images'/Path(f).name).read_bytes() == (tmp/'pool'/'openface'/f).read_bytes() for f in m.out_path.dropna())
+    print(f'openface  naive loop      {len(tab) / t_naive:7.2f} img/s  ({t_naive:.1f} s, {n_ok} ok)')
+    print(f'openface  pool ({workers} procs)  {len(tab) / t_pool:7.2f} img/s  ({t_pool:.1f} s, {(m.status == "ok").sum()} ok, same files: {same})')
+    print(f'RATIO pool / naive = {t_naive / t_pool:.2f}x   (target >= 1.8x on 2 free cores)')
+    return t_naive / t_pool
+
+def bench_mtcnn(tab, root, batch_size):
+    from facenet_pytorch import MTCNN
+    from mugshotrace.core import load_rgb
+    from mugshotrace.faces_mtcnn import mtcnn_detect, mtcnn_model, default_device
+    imgs = [load_rgb(root/p)[0] for p in tab.path]
+    shape = max({a.shape for a in imgs}, key=[a.shape for a in imgs].count); imgs = [a for a in imgs if a.shape == shape]
+    dev = default_device(); mt = MTCNN(select_largest=True, keep_all=True, device=dev); mtcnn_model(device=dev)
+    mt.detect(Image.fromarray(imgs[0])); mtcnn_detect(imgs[:2], device=dev)             # warm up
+    t = time.perf_counter(); single = [mt.detect(Image.fromarray(a), landmarks=True) for a in imgs]; t_single = time.perf_counter() - t
+    t = time.perf_counter(); batched = []
+    for i in range(0, len(imgs), batch_size): batched += mtcnn_detect(imgs[i:i + batch_size], device=dev)
+    t_batch = time.perf_counter() - t
+    agree = sum((s[0] is None and b is None) or (s[0] is not None and b is not None and np.allclose(np.asarray(s[0][0], float), b[0][0], atol=0.05))
+                for s, b in zip(single, batched))
+    print(f'mtcnn     per-image detect {len(imgs) / t_single:7.2f} img/s  ({t_single:.1f} s, device {dev}, {len(imgs)} images {shape[1]}x{shape[0]})')
+    print(f'mtcnn     batched ({batch_size:3d})     {len(imgs) / t_batch:7.2f} img/s  ({t_batch:.1f} s; largest box agrees on {agree}/{len(imgs)})')
+    print(f'RATIO batched / per-image = {t_single / t_batch:.2f}x   (target >= 2x on the CPU)')
+    return t_single / t_batch
+
+def bench_downscale(tab, root, sides=(320,), upscale=(1, 2.5)):
+    "Faithful full-image detection vs detection on a downscaled copy (landmarks on the full image)."
+    import cv2
+    from mugshotrace.core import load_rgb, ImageError
+    from mugshotrace.faces_align import align_openface
+    base = [load_rgb(root/p)[0] for p in tab.path]
+    for up in upscale:
+        imgs = base if up == 1 else [cv2.resize(a, None, fx=up, fy=up, interpolation=cv2.INTER_CUBIC) for a in base]
+        def run(side):
+            t = time.perf_counter(); res = []
+            for a in imgs:
+                try: res.append(align_openface(a, 299, detect_max_side=side))
+                except ImageError: res.append(None)
+            return time.perf_counter() - t, res
+        t_full, full = run(None)
+        for side in sides:
+            t_small, small = run(side)
+            both = [(f, s) for f, s in zip(full, small) if f is not None and s is not None]
+            lm = np.mean([np.abs(f.landmarks - s.landmarks).mean() for f, s in both]) if both else np.nan
+            lm_rel = np.mean([np.abs(f.landmarks - s.landmarks).mean() / (f.box[2] - f.box[0]) for f, s in both]) if both else np.nan
+            px = np.mean([np.abs(f.image.astype(float) - s.image.astype(float)).mean() for f, s in both]) if both else np.nan
+            same_px = np.mean([np.array_equal(f.image, s.image) for f, s in both]) if both else np.nan
+            print(f'downscale images {imgs[0].shape[1]}x{imgs[0].shape[0]}, detect on longer side {side}: '
+                  f'{t_full / t_small:.2f}x faster; ok full {sum(f is not None for f in full)} vs downscaled {sum(s is not None for s in small)}; '
+                  f'identical outputs {same_px:.0%}; landmark shift {lm:.2f} px ({lm_rel:.1%} of face width); mean |pixel diff| {px:.2f}/255')
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--n', type=int, default=500); ap.add_argument('--workers', type=int, default=2)
+    ap.add_argument('--batch-size', type=int, default=16); ap.add_argument('--size', type=int, default=299)
+    ap.add_argument('--n-downscale', type=int, default=40, help='images for the downscale comparison')
+    ap.add_argument('--n-mtcnn', type=int, help='images for the mtcnn comparison (default: all)')
+    ap.add_argument('--out', help='work folder (default: a temp folder, removed)')
+    ap.add_argument('--only', default='pool,mtcnn,downscale')
+    a = ap.parse_args(argv)
+    tmp = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix='bench_faces_'))
+    try:
+        tab, root, what = make_images(tmp/'data', a.n)
+        print(f'{len(tab)} images: {what}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}')
+        only = a.only.split(',')
+        if 'pool' in only: bench_pool(tab, root, tmp, a.workers, a.size)
+        if 'mtcnn' in only: bench_mtcnn(tab.head(a.n_mtcnn or len(tab)), root, a.batch_size)
+        if 'downscale' in only: bench_downscale(tab.head(a.n_downscale), root)
+        print(f'load average at the end {os.getloadavg()[0]:.1f} (other processes share these cores)')
+    finally:
+        if not a.out: shutil.rmtree(tmp, ignore_errors=True)
+
+if __name__ == '__main__': main()

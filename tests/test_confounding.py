@@ -1,0 +1,151 @@
+"""Integration tests of the xGEMs confounding probe (`confounding`, `confounding_probe`).
+
+The fast tests reproduce the seed's experiment on procedural images (target = ellipse shape, protected = lightness):
+a black box trained where the two are confounded must have a clearly higher confounding metric than one trained on
+unconfounded data. The synth-benchmark version of the same experiment is marked slow."""
+import json
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mugshotrace.core import UserError, read_json
+from mugshotrace.confounding import (ConfoundConfig, fit_equalized_odds, equalized_odds_gap, oracle_error_table,
+                                     confounding_table, train_classifier, fit_tensors)
+from mugshotrace.confounding_probe import (procedural_shapes, confounding_experiment, confound_run, BlackBox,
+                                           predict_probs, plot_counterfactual_paths, save_figure)
+
+torch.set_num_threads(1)   # shared CPUs: oversubscribed torch threads are many times slower
+
+FAST = ConfoundConfig(ae_epochs=6, ae_width=16, clf_epochs=8, bs=32, n_images=120, n_boot=1000, steps=100)
+
+
+@pytest.fixture(scope='module')
+def shapes_result():
+    x, t, p = procedural_shapes(2000, seed=0)
+    return confounding_experiment(x, t, p, ('wide', 'tall'), ('dark', 'light'), {0: 0, 1: 1}, FAST)
+
+
+def _overall(res, bb, metric='confounding'):
+    t = res.table
+    return t[(t.black_box == bb) & (t.metric == metric) & (t.target_label == 'all')].iloc[0]
+
+
+def test_confounded_black_box_has_clearly_higher_confounding(shapes_result):
+    a, b = _overall(shapes_result, 'confounded'), _overall(shapes_result, 'unconfounded')
+    assert a.ci_low > b.ci_high, (a, b)
+    assert shapes_result.summary['clearly_higher']
+    # Table 6.2 pattern: the confounded model is less accurate on unconfounded images
+    s = shapes_result.summary['black_boxes']
+    assert s['unconfounded']['accuracy'] > 0.9 and s['confounded']['accuracy'] < s['unconfounded']['accuracy'] - 0.2
+    # the per-group table shows where: the confounded model's worst target label × group cell is far above the other's
+    t = shapes_result.table
+    cells = t[(t.metric == 'confounding') & (t.group != 'all')]
+    assert cells[cells.black_box == 'confounded'].value.max() > cells[cells.black_box == 'unconfounded'].value.max() + 0.3
+    assert set(cells.group) == {'dark', 'light'} and set(cells.target_label) == {'wide', 'tall'}
+
+
+def test_every_reported_counterfactual_crosses(shapes_result):
+    for name, pr in shapes_result.probes.items():
+        bb, cf, df = shapes_result.black_boxes[name], pr.counterfactuals, pr.images
+        assert df.used.sum() >= 0.8 * len(df), name
+        with torch.no_grad():   # independent re-check: decode the final codes, classify again in eval mode
+            pred = bb(shapes_result.ae.eval().decode(cf.z)).argmax(1).numpy()
+        cls = np.array(bb.classes)
+        used = df.used.to_numpy()
+        assert (cls[pred[used]] == df.target[used]).all()
+        assert (df.target[used] != df.pred_orig[used]).all()
+        assert pr.summary['all_used_cross_verified']
+
+
+def test_oracle_equalized_odds_and_reconstruction(shapes_result):
+    o = shapes_result.summary['oracle']
+    assert o['eo_gap_calibration'] < 1e-6 and o['eo_ok'] and o['eo_gap_heldout'] <= FAST.eo_tol
+    assert o['accuracy_heldout'] > 0.9
+    t = shapes_result.oracle_table
+    assert set(t.oracle) == {'original', 'recalibrated'} and {'accuracy', 'fpr', 'fnr', 'n'} <= set(t.columns)
+    r = shapes_result.summary['reconstruction']
+    assert r['mse_ratio'] < 0.6 and r['psnr'] > 18
+
+
+def test_paths_figure(shapes_result, tmp_path):
+    r = shapes_result
+    fig = plot_counterfactual_paths(r.ae, r.probes['confounded'], r.black_boxes['confounded'], r.oracle, r.x_probe)
+    p = save_figure(fig, tmp_path/'paths.png')
+    assert p.stat().st_size > 5000 and p.read_bytes()[:4] == b'\x89PNG'
+
+
+def test_equalized_odds_three_target_labels():
+    g = np.random.default_rng(0); n = 9000
+    y = g.integers(0, 3, n); a = g.random(n) < 0.5
+    s = 1 / (1 + np.exp(-(np.where(a, 1.2, -1.2) + g.normal(0, np.array([0.5, 1.0, 2.0])[y]))))
+    eo = fit_equalized_odds(s, a, y)
+    assert len(eo.labels) == 3
+    assert equalized_odds_gap(oracle_error_table(s, a, y, eo)) < 1e-6
+    assert equalized_odds_gap(oracle_error_table(s, a, y, eo), 'original') > 0.1
+
+
+def test_degenerate_inputs_raise_user_errors(tmp_path):
+    with pytest.raises(UserError, match='same attribute'):
+        fit_equalized_odds([0.1, 0.9, 0.2, 0.8], [1, 1, 0, 1], [0, 0, 1, 1])
+    with pytest.raises(UserError, match='no verified'):
+        confounding_table([], [], [])
+    with pytest.raises(UserError, match='model.json'):
+        confound_run(tmp_path)
+
+
+def _make_run(root, n=700, size=32):
+    "A finished run folder: tiny_cnn bundle trained on procedural images, preds/ with race/ethnicity columns."
+    from PIL import Image
+    from mugshotrace.models import build_model, save_bundle, get_arch
+    from mugshotrace.core import write_csv, write_json
+    x, t, p = procedural_shapes(n, size, seed=3)
+    spec = get_arch('tiny_cnn')
+    m, s = torch.tensor(spec.mean).view(1, 3, 1, 1), torch.tensor(spec.std).view(1, 3, 1, 1)
+    xin = (torch.nn.functional.interpolate(x, size=(64, 64), mode='bilinear', align_corners=False) - m) / s
+    model = build_model('tiny_cnn', 2, 'random', seed=0)
+    fit_tensors(model, xin[:400], torch.as_tensor(t[:400]).long(), torch.nn.CrossEntropyLoss(), 4, 3e-3, 32)
+    run = root/'runs'/'r1'; run.mkdir(parents=True)
+    save_bundle(model, run, {'arch': 'tiny_cnn', 'classes': ['Black', 'White'], 'input_size': 64})
+    write_json(run/'config.json', {'run_id': 'r1', 'task': 'race2', 'variant': 'original', 'arch': 'tiny_cnn'})
+    img = root/'images'; img.mkdir()
+    ids = [f'im{i:04d}' for i in range(400, n)]
+    for i, iid in zip(range(400, n), ids):
+        Image.fromarray((x[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(img/f'{iid}.png')
+    race, eth = np.array(['Black', 'White']), np.array(['Hispanic', 'NonHispanic'])
+    preds = pd.DataFrame({'image_id': ids, 'label': race[t[400:]], 'race': race[t[400:]], 'ethnicity': eth[p[400:]]})
+    write_csv(run/'preds'/'valid.csv', preds)
+    items = pd.DataFrame({'image_id': ids, 'file': [str(img/f'{i}.png') for i in ids]})
+    write_csv(root/'items.csv', items)
+    return run, root/'items.csv'
+
+
+def test_confound_run_folder_resumes(tmp_path):
+    run, items = _make_run(tmp_path)
+    cfg = ConfoundConfig(ae_epochs=4, clf_epochs=6, bs=32, n_images=60, n_boot=200, steps=60)  # what the CLI below builds
+    s = confound_run(run, cfg=cfg, items=items, figures=True)
+    out = run/'confound'
+    for f in ('confounding.csv', 'counterfactuals.csv', 'oracle.csv', 'summary.json', 'paths.png',
+              'autoencoder.safetensors', 'oracle.safetensors'):
+        assert (out/f).exists(), f
+    tab = pd.read_csv(out/'confounding.csv')
+    assert list(tab.columns) == ['run_id', 'attribute', 'target_label', 'group', 'metric', 'value', 'ci_low', 'ci_high', 'n']
+    assert set(tab.attribute) == {'ethnicity'} and set(tab.run_id) == {'r1'}
+    assert (tab.ci_low <= tab.value + 1e-12).all() and (tab.value <= tab.ci_high + 1e-12).all()
+    cfs = pd.read_csv(out/'counterfactuals.csv')
+    assert len(cfs) == 60 and cfs.image_id.str.startswith('im').all()
+    assert s['probe']['all_used_cross_verified'] and s['probe']['n_used'] > 0
+    assert not list(out.glob('.*.tmp'))
+    # a finished probe is not redone
+    mtime = (out/'confounding.csv').stat().st_mtime_ns
+    assert confound_run(run, cfg=cfg, items=items)['key'] == s['key']
+    assert (out/'confounding.csv').stat().st_mtime_ns == mtime
+    # interrupted after the slow training: the cached models give the same results
+    (out/'summary.json').unlink(); before = tab.copy()
+    confound_run(run, cfg=cfg, items=items)
+    pd.testing.assert_frame_equal(pd.read_csv(out/'confounding.csv'), before)
+    # the CLI: finished probe → exit 0; bad input → exit 2 with one line
+    from mugshotrace.cli import main
+    assert main(['confound', str(run), '--items', str(items), '--n-images', '60', '--steps', '60', '--n-boot', '200',
+                 '--ae-epochs', '4', '--clf-epochs', '6', '--bs', '32']) == 0
+    assert main(['confound', str(tmp_path/'nope')]) == 2

@@ -1,0 +1,233 @@
+"Integration tests of bulk labelling: completeness, exactness against fastai get_preds, resumption after a kill, CLI."
+import os, signal, subprocess, sys, time, json
+from pathlib import Path
+import numpy as np, pandas as pd, pytest, torch
+from PIL import Image
+
+from mugshotrace.labeling import Labeler, label_images, list_images, label_agreement, coverage_gain
+from mugshotrace.models import build_model, save_bundle
+from mugshotrace.cli import main
+from mugshotrace.core import sample_face_photos
+
+CLASSES = ['Black', 'White']
+
+
+def make_images(folder, n, size=(48, 60), seed=0, quality=90):
+    "Face-like synthetic images: a skin-toned ellipse on a background, varied per image (non-square to exercise Resize)."
+    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    w, h = size; yy, xx = np.mgrid[0:h, 0:w]
+    for i in range(n):
+        tone = rng.uniform(40, 230); bg = rng.uniform(0, 255, 3)
+        m = ((xx - w / 2) / (w * .3)) ** 2 + ((yy - h / 2) / (h * .38)) ** 2 < 1
+        a = np.where(m[..., None], np.array([tone, tone * .8, tone * .65]), bg) + rng.normal(0, 12, (h, w, 3))
+        Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(folder / f'img{i:05d}.jpg', quality=quality)
+    return folder
+
+
+@pytest.fixture(scope='module')
+def bundle(tmp_path_factory):
+    d = tmp_path_factory.mktemp('bundle')
+    model = build_model('tiny_cnn', 2, 'random', seed=1)
+    with torch.no_grad():  # make BatchNorm statistics non-trivial so the two classes are both predicted
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d): m.running_mean.uniform_(-.2, .2); m.running_var.uniform_(.5, 2)
+    meta = {'arch': 'tiny_cnn', 'classes': CLASSES, 'input_size': 32, 'variant': 'resized'}
+    # centre the decision boundary on face-like images so that both classes are predicted
+    imgs = make_images(d / 'calib', 60, seed=99)
+    lab = Labeler(model, {**meta, 'mean': [0.485, 0.456, 0.406], 'std': [0.229, 0.224, 0.225]}, preprocessed=True)
+    P = lab.predict([lab.prepare(pd.DataFrame({'image_id': ['x'], 'file': [str(f)]}), d / 'w')[1][0] for f in sorted(imgs.iterdir())])
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)][-1]  # feeds the bias-free last Linear
+    w = (last.weight[0] - last.weight[1]).detach()
+    with torch.no_grad(): bn.bias -= float(np.median(np.log(P[:, 0] / P[:, 1]))) * w / (w @ w)
+    save_bundle(model, d, meta)
+    return d
+
+
+@pytest.fixture(scope='module')
+def images(tmp_path_factory):
+    d = make_images(tmp_path_factory.mktemp('imgs') / 'images', 300)
+    (d / 'truncated.jpg').write_bytes((d / 'img00000.jpg').read_bytes()[:200])
+    (d / 'empty.png').write_bytes(b'')
+    return d
+
+
+def fastai_get_preds(bundle, files):
+    "The independent baseline: the runner's own pipeline (data.face_dataloaders + data.test_dl) and Learner.get_preds."
+    from fastai.vision.all import Learner, CrossEntropyLossFlat
+    from mugshotrace.data import face_dataloaders, test_dl
+    from mugshotrace.models import load_bundle
+    model, meta = load_bundle(bundle)
+    files = [str(f) for f in files]
+    items = pd.DataFrame({'image_id': [Path(f).stem for f in files[:4]], 'file': files[:4],
+                          'label': meta['classes'] * 2, 'is_valid': [False, True] * 2})
+    dls = face_dataloaders(items, meta['input_size'], meta['mean'], meta['std'], bs=16, aug=False, classes=meta['classes'])
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat())
+    preds, _ = learn.get_preds(dl=test_dl(dls, pd.DataFrame({'image_id': [Path(f).stem for f in files], 'file': files})))
+    return preds.numpy()
+
+
+def test_one_row_per_image_and_equal_to_fastai_get_preds(bundle, images, tmp_path):
+    out = tmp_path / 'labels.csv'
+    s = label_images(Labeler.from_dir(bundle, preprocessed=True), images, out, id_col='Jail_ID', chunk=64, progress=False)
+    df = pd.read_csv(out, dtype={'Jail_ID': str})
+    assert list(df.columns) == ['Jail_ID', 'Black_Prob', 'White_Prob', 'Prediction', 'status', 'reason']
+    assert len(df) == 302 and df.Jail_ID.is_unique and set(df.Jail_ID) == set(list_images(images).image_id)
+    bad = df.set_index('Jail_ID').loc[['truncated', 'empty']]
+    assert (bad.status == 'decode_error').all() and bad.Black_Prob.isna().all() and bad.reason.str.len().gt(0).all()
+    assert s['status_counts'] == {'ok': 300, 'decode_error': 2}
+    ok = df[df.status == 'ok'].sort_values('Jail_ID')
+    ref = fastai_get_preds(bundle, [images / f'{i}.jpg' for i in ok.Jail_ID])
+    np.testing.assert_allclose(ok[['Black_Prob', 'White_Prob']].to_numpy(), ref, atol=2e-6, rtol=0)
+    assert (ok.Prediction.to_numpy() == np.array(CLASSES)[ref.argmax(1)]).all()
+    assert ok.Prediction.nunique() == 2  # the check is not vacuous: both classes occur
+    sc = json.loads((tmp_path / 'labels.csv.json').read_text())
+    assert sc['settings']['model_sha256'] == json.loads((bundle / 'model.json').read_text())['weights_sha256']
+
+
+def test_resume_after_kill(bundle, tmp_path):
+    imgs = make_images(tmp_path / 'big', 200, size=(240, 300), seed=3)
+    out = tmp_path / 'kill.csv'; parts = tmp_path / 'kill.csv.parts'
+    cmd = [sys.executable, '-c', 'import sys; from mugshotrace.cli import main; sys.exit(main(sys.argv[1:]))',
+           'label', str(bundle), '--images', str(imgs), '--out', str(out), '--chunk', '8', '--workers', '1', '--preprocessed']
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while time.time() - t0 < 120 and p.poll() is None and len(list(parts.glob('part-*.csv'))) < 3: time.sleep(0.005)
+    p.send_signal(signal.SIGKILL); p.wait()
+    n_parts = len(list(parts.glob('part-*.csv')))
+    assert not out.exists() and 3 <= n_parts < 25, f'the job was not killed mid-way ({n_parts} parts)'
+    assert main(['label', str(bundle), '--images', str(imgs), '--out', str(out), '--chunk', '8', '--preprocessed']) == 0
+    df = pd.read_csv(out, dtype={'image_id': str})
+    assert len(df) == 200 and df.image_id.is_unique and (df.status == 'ok').all() and not parts.exists()
+    fresh = tmp_path / 'fresh.csv'
+    label_images(Labeler.from_dir(bundle, preprocessed=True), imgs, fresh, chunk=100, progress=False)
+    f = pd.read_csv(fresh, dtype={'image_id': str}).set_index('image_id').loc[df.image_id]
+    np.testing.assert_allclose(df[['Black_Prob', 'White_Prob']].to_numpy(), f[['Black_Prob', 'White_Prob']].to_numpy(), atol=1e-7)
+
+
+def test_cli_agreement_coverage_and_bad_input(bundle, images, tmp_path, capsys):
+    first = tmp_path / 'first.csv'
+    label_images(Labeler.from_dir(bundle, preprocessed=True), images, first, progress=False)
+    p = pd.read_csv(first, dtype={'image_id': str})
+    # existing labels: the model's own predictions for 200 images, flipped for 20 of them, missing for the rest
+    lab = p[['image_id', 'Prediction']].rename(columns={'Prediction': 'race'}).copy()
+    idx = lab.index[p.status == 'ok']
+    lab.loc[idx[200:], 'race'] = ''
+    flip = idx[:20]; lab.loc[flip, 'race'] = lab.loc[flip, 'race'].map({'Black': 'White', 'White': 'Black'})
+    lab['group'] = np.where(np.arange(len(lab)) % 2, 'H', 'nH')
+    lab.to_csv(tmp_path / 'court.csv', index=False)
+    out = tmp_path / 'cli.csv'
+    rc = main(['label', str(bundle), '--images', str(images), '--out', str(out), '--preprocessed', '--tta',
+               '--labels', str(tmp_path / 'court.csv'), '--label-col', 'race', '--group-col', 'group'])
+    assert rc == 0
+    ag = json.loads((tmp_path / 'cli.csv.agreement.json').read_text())
+    assert ag['n'] == 200
+    # TTA changes a few predictions at most; agreement is close to the injected 90 %
+    assert 0.8 <= ag['accuracy'] <= 0.92 and ag['kappa']['ci_low'] < ag['kappa']['value'] < ag['kappa']['ci_high']
+    conf = pd.read_csv(tmp_path / 'cli.csv.confusion.csv')
+    assert set(conf.group) == {'H', 'nH'} and conf.n.sum() == 200
+    cov = pd.read_csv(tmp_path / 'cli.csv.coverage.csv')
+    assert (cov.n_missing == 102).all() and cov.n_filled.iloc[0] == 100  # 2 missing are the broken files (no prediction)
+    # exact agreement when the labels are the predictions themselves (no TTA)
+    lab2 = p[['image_id', 'Prediction']].rename(columns={'Prediction': 'label'})
+    res, _ = label_agreement(first, lab2, CLASSES)
+    assert res['accuracy'] == 1 and abs(res['kappa']['value'] - 1) < 1e-12
+    assert main(['label', str(tmp_path / 'nope'), '--images', str(images), '--out', str(out)]) == 2
+    assert 'not a model bundle' in capsys.readouterr().err
+    assert main(['label', str(bundle), '--images', str(tmp_path / 'missing.csv'), '--out', str(out)]) == 2
+
+
+def test_calibrate_from_validation_predictions(bundle, images, tmp_path):
+    "--calibrate fits T on a Predictions CSV; the fitted T is written to the provenance sidecar."
+    rng = np.random.default_rng(0); n = 3000
+    z = rng.normal(0, 2, n); pb = 1 / (1 + np.exp(-z))
+    y = np.where(rng.random(n) < 1 / (1 + np.exp(-z / 3)), 'Black', 'White')  # labels follow softmax(z / 3)
+    pd.DataFrame({'image_id': range(n), 'Black_Prob': pb, 'White_Prob': 1 - pb, 'label': y}).to_csv(tmp_path / 'valid.csv', index=False)
+    out = tmp_path / 'cal.csv'
+    assert main(['label', str(bundle), '--images', str(images), '--out', str(out), '--preprocessed', '--calibrate', str(tmp_path / 'valid.csv')]) == 0
+    T = json.loads((tmp_path / 'cal.csv.json').read_text())['settings']['temperature']
+    assert 2.2 < T < 4.0
+
+
+@pytest.mark.slow
+def test_label_5000_images(bundle, tmp_path):
+    imgs = make_images(tmp_path / 'many', 5000, seed=5)
+    out = tmp_path / 'many.csv'
+    s = label_images(Labeler.from_dir(bundle, preprocessed=True), imgs, out, chunk=500, progress=False)
+    df = pd.read_csv(out, dtype={'image_id': str})
+    assert s['n'] == 5000 and len(df) == 5000 and df.image_id.is_unique and (df.status == 'ok').all()
+    ok = df.sort_values('image_id').iloc[::50]
+    ref = fastai_get_preds(bundle, [imgs / f'{i}.jpg' for i in ok.image_id])
+    np.testing.assert_allclose(ok[['Black_Prob', 'White_Prob']].to_numpy(), ref, atol=2e-6, rtol=0)
+
+
+def _toy_study(root, n_people=32, size=40, seed=0):
+    "A tiny labelled data set (brightness depends on race) and a one-run study file for the experiments runner."
+    import yaml
+    root = Path(root); (root / 'images').mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed); rows = []
+    for p in range(n_people):
+        race, eth = ('Black', 'White')[p % 2], ('Hispanic', 'NonHispanic')[(p // 2) % 2]
+        for k in range(2):
+            iid = f'p{p:03d}_{k}'
+            a = np.clip(rng.normal(70 if race == 'Black' else 180, 25, (size, size + 8, 3)), 0, 255)
+            Image.fromarray(a.astype(np.uint8)).save(root / 'images' / f'{iid}.png')
+            rows.append(dict(image_id=iid, path=f'images/{iid}.png', person_id=f'P{p}', race_court=race, ethnicity_court=eth,
+                             race_student=race, ethnicity_student=eth))
+    pd.DataFrame(rows).to_csv(root / 'labels.csv', index=False)
+    cols = {s: {'race': f'race_{s}', 'ethnicity': f'ethnicity_{s}'} for s in ('court', 'student')}
+    d = {'name': 'toy', 'data': {'labels': {'table': 'labels.csv', 'columns': cols}, 'images': '.', 'preprocessed': 'faces',
+                                 'preprocess': {'progress': False}},
+         'train': {'epochs': 1, 'size': 32, 'bs': 8, 'n_per_class': 8, 'init': 'random', 'lr': 3e-2, 'aug': False},
+         'grid': {'arch': ['tiny_cnn'], 'variant': ['original'], 'label_source': ['court']}, 'runs': 'runs'}
+    (root / 'study.yaml').write_text(yaml.safe_dump(d))
+    return root
+
+
+def test_reproduces_the_runners_test_set_predictions(tmp_path):
+    "A bundle from the experiments runner labels each test set exactly as the runner predicted it, from the raw images too."
+    experiments = pytest.importorskip('mugshotrace.experiments')
+    from mugshotrace.faces import load_manifest
+    root = _toy_study(tmp_path / 'toy')
+    df = experiments.run_grid(root / 'study.yaml', progress=False)
+    assert (df.state == 'done').all(), df
+    run = next((root / 'runs').iterdir())
+    tests = [p for p in sorted((run / 'preds').glob('*.csv')) if p.stem != 'valid']
+    assert tests
+    man = load_manifest(root / 'faces', 'original').set_index('image_id')
+    for t in tests:
+        ref = pd.read_csv(t, dtype={'image_id': str}).set_index('image_id')
+        ids = list(ref.index)
+        table = pd.DataFrame({'image_id': ids, 'path': [man.loc[i, 'file'] for i in ids]})
+        table.to_csv(tmp_path / f'{t.stem}.csv', index=False)
+        out = tmp_path / f'{t.stem}_labels.csv'
+        assert main(['label', str(run), '--images', str(tmp_path / f'{t.stem}.csv'), '--out', str(out), '--preprocessed']) == 0
+        got = pd.read_csv(out, dtype={'image_id': str}).set_index('image_id').loc[ids]
+        cols = ['Black_Prob', 'White_Prob']
+        np.testing.assert_allclose(got[cols].to_numpy(), ref[cols].to_numpy(), atol=1e-6, rtol=0)
+        assert (got.Prediction == ref.Prediction).all()
+        # from the raw images: the bundle's variant is applied through faces.preprocess, as for training
+        raw = pd.DataFrame({'image_id': ids, 'path': [str(root / 'images' / f'{i}.png') for i in ids]})
+        raw.to_csv(tmp_path / f'{t.stem}_raw.csv', index=False)
+        out2 = tmp_path / f'{t.stem}_raw_labels.csv'
+        assert main(['label', str(run), '--images', str(tmp_path / f'{t.stem}_raw.csv'), '--out', str(out2)]) == 0
+        got2 = pd.read_csv(out2, dtype={'image_id': str}).set_index('image_id').loc[ids]
+        np.testing.assert_allclose(got2[cols].to_numpy(), ref[cols].to_numpy(), atol=1e-6, rtol=0)
+
+
+def test_face_variant_from_raw_images_gives_typed_statuses(tmp_path):
+    "An openface bundle labels raw photos through faces.preprocess: a face gets a prediction, a faceless image `no_face`."
+    pytest.importorskip('mugshotrace.faces')
+    d = tmp_path / 'b'
+    save_bundle(build_model('tiny_cnn', 2, 'random', seed=0), d, {'arch': 'tiny_cnn', 'classes': CLASSES, 'input_size': 32, 'variant': 'openface'})
+    imgs = tmp_path / 'raw'; imgs.mkdir()
+    Image.open(sample_face_photos()['grace_hopper']).convert('RGB').save(imgs / 'hopper.jpg')
+    Image.fromarray(np.full((200, 160, 3), 128, np.uint8)).save(imgs / 'blank.png')
+    (imgs / 'notes.txt').write_text('not an image')
+    out = tmp_path / 'faces.csv'
+    s = label_images(Labeler.from_dir(d), imgs, out, progress=False)
+    df = pd.read_csv(out).set_index('image_id')
+    assert s['n'] == 3 and df.loc['hopper', 'status'] == 'ok' and df.loc['hopper', 'Prediction'] in CLASSES
+    assert df.loc['blank', 'status'] == 'no_face' and np.isnan(df.loc['blank', 'Black_Prob'])
+    assert df.loc['notes', 'status'] in ('decode_error', 'unsupported') and isinstance(df.loc['notes', 'reason'], str)
