@@ -20,13 +20,13 @@ def make_images(d:Path, n:int, seed:int=0)->tuple[pd.DataFrame, Path, str]:
     "n images in `d` and their table; (table, images_root, source description)."
     try:
         from mugshotrace.synth import make_benchmark, SynthConfig
-        people = 8
+        people = int(n / 1.7 * 1.15) + 2                     # ~1.7 bookings per person by default
         while True:
-            root = make_benchmark(d/f'synth{people}', SynthConfig(people=people, seed=seed))
+            root = make_benchmark(d/f'synth{people}', SynthConfig(people=people, seed=seed), workers=2, progress=False)
             lab = pd.read_csv(Path(root)/'labels.csv', dtype={'image_id': str})
-            if len(lab) >= n or people > 4 * n: break
+            if len(lab) >= n: break
             people *= 2
-        return lab[['image_id', 'path']].head(n).reset_index(drop=True), Path(root), f'synth ({len(lab)} made, first {n})'
+        return lab[['image_id', 'path']].head(n).reset_index(drop=True), Path(root), f'synth benchmark ({len(lab)} made, first {n})'
     except ImportError: pass
     import cv2
     from mugshotrace.core import sample_face_photos
@@ -54,13 +54,18 @@ def naive_openface(tab, root, out:Path, size):
         cv2.imwrite(str(out/'images'/output_name(iid)), fc.image[..., ::-1]); n_ok += 1
     return n_ok
 
-def bench_pool(tab, root, tmp, workers, size):
+def bench_pool(tab, root, tmp, workers, size, blocks=5):
+    "Alternate naive and pooled runs over `blocks` slices of the table, so that drifting load hits both alike."
     from mugshotrace.faces import preprocess
-    t = time.perf_counter(); n_ok = naive_openface(tab, root, tmp/'naive', size); t_naive = time.perf_counter() - t
-    t = time.perf_counter(); m = preprocess(tab, root, 'openface', tmp/'pool', size=size, workers=workers, progress=False); t_pool = time.perf_counter() - t
-    same = all((tmp/'naive'/'images'/Path(f).name).read_bytes() == (tmp/'pool'/'openface'/f).read_bytes() for f in m.out_path.dropna())
-    print(f'openface  naive loop      {len(tab) / t_naive:7.2f} img/s  ({t_naive:.1f} s, {n_ok} ok)')
-    print(f'openface  pool ({workers} procs)  {len(tab) / t_pool:7.2f} img/s  ({t_pool:.1f} s, {(m.status == "ok").sum()} ok, same files: {same})')
+    t_naive = t_pool = 0.; n_ok_naive = n_ok_pool = 0; same = True
+    for k, sl in enumerate(np.array_split(np.arange(len(tab)), blocks)):
+        part = tab.iloc[sl]
+        t = time.perf_counter(); n_ok_naive += naive_openface(part, root, tmp/'naive', size); t_naive += time.perf_counter() - t
+        t = time.perf_counter(); m = preprocess(part, root, 'openface', tmp/f'pool{k}', size=size, workers=workers, progress=False); t_pool += time.perf_counter() - t
+        n_ok_pool += int((m.status == 'ok').sum())
+        same &= all((tmp/'naive'/'images'/Path(f).name).read_bytes() == (tmp/f'pool{k}'/'openface'/f).read_bytes() for f in m.out_path.dropna())
+    print(f'openface  naive loop      {len(tab) / t_naive:7.2f} img/s  ({t_naive:.1f} s, {n_ok_naive} ok)')
+    print(f'openface  pool ({workers} procs)  {len(tab) / t_pool:7.2f} img/s  ({t_pool:.1f} s incl. pool start-up x{blocks}, {n_ok_pool} ok, same files: {same})')
     print(f'RATIO pool / naive = {t_naive / t_pool:.2f}x   (target >= 1.8x on 2 free cores)')
     return t_naive / t_pool
 
@@ -72,10 +77,13 @@ def bench_mtcnn(tab, root, batch_size):
     shape = max({a.shape for a in imgs}, key=[a.shape for a in imgs].count); imgs = [a for a in imgs if a.shape == shape]
     dev = default_device(); mt = MTCNN(select_largest=True, keep_all=True, device=dev); mtcnn_model(device=dev)
     mt.detect(Image.fromarray(imgs[0])); mtcnn_detect(imgs[:2], device=dev)             # warm up
-    t = time.perf_counter(); single = [mt.detect(Image.fromarray(a), landmarks=True) for a in imgs]; t_single = time.perf_counter() - t
-    t = time.perf_counter(); batched = []
-    for i in range(0, len(imgs), batch_size): batched += mtcnn_detect(imgs[i:i + batch_size], device=dev)
-    t_batch = time.perf_counter() - t
+    t_single = t_batch = 0.; single, batched = [], []
+    for i in range(0, len(imgs), 2 * batch_size):         # alternate the two, so drifting load hits both alike
+        chunk = imgs[i:i + 2 * batch_size]
+        t = time.perf_counter(); single += [mt.detect(Image.fromarray(a), landmarks=True) for a in chunk]; t_single += time.perf_counter() - t
+        t = time.perf_counter()
+        for j in range(0, len(chunk), batch_size): batched += mtcnn_detect(chunk[j:j + batch_size], device=dev)
+        t_batch += time.perf_counter() - t
     agree = sum((s[0] is None and b is None) or (s[0] is not None and b is not None and np.allclose(np.asarray(s[0][0], float), b[0][0], atol=0.05))
                 for s, b in zip(single, batched))
     print(f'mtcnn     per-image detect {len(imgs) / t_single:7.2f} img/s  ({t_single:.1f} s, device {dev}, {len(imgs)} images {shape[1]}x{shape[0]})')
@@ -101,19 +109,25 @@ def bench_downscale(tab, root, sides=(320,), upscale=(1, 2.5)):
         for side in sides:
             t_small, small = run(side)
             both = [(f, s) for f, s in zip(full, small) if f is not None and s is not None]
-            lm = np.mean([np.abs(f.landmarks - s.landmarks).mean() for f, s in both]) if both else np.nan
-            lm_rel = np.mean([np.abs(f.landmarks - s.landmarks).mean() / (f.box[2] - f.box[0]) for f, s in both]) if both else np.nan
-            px = np.mean([np.abs(f.image.astype(float) - s.image.astype(float)).mean() for f, s in both]) if both else np.nan
-            same_px = np.mean([np.array_equal(f.image, s.image) for f, s in both]) if both else np.nan
+            def iou(a, b):
+                w = max(0, min(a[2], b[2]) - max(a[0], b[0])); h = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+                return w * h / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h)
+            same = [(f, s) for f, s in both if iou(f.box, s.box) > 0.5]
+            lm = np.median([np.abs(f.landmarks - s.landmarks).mean() for f, s in same]) if same else np.nan
+            lm_rel = np.median([np.abs(f.landmarks - s.landmarks).mean() / (f.box[2] - f.box[0]) for f, s in same]) if same else np.nan
+            px = np.median([np.abs(f.image.astype(float) - s.image.astype(float)).mean() for f, s in same]) if same else np.nan
+            same_px = np.mean([np.array_equal(f.image, s.image) for f, s in same]) if same else np.nan
             print(f'downscale images {imgs[0].shape[1]}x{imgs[0].shape[0]}, detect on longer side {side}: '
                   f'{t_full / t_small:.2f}x faster; ok full {sum(f is not None for f in full)} vs downscaled {sum(s is not None for s in small)}; '
-                  f'identical outputs {same_px:.0%}; landmark shift {lm:.2f} px ({lm_rel:.1%} of face width); mean |pixel diff| {px:.2f}/255')
+                  f'same face chosen (IoU>0.5) {len(same)}/{len(both)}; among those: identical outputs {same_px:.0%}, '
+                  f'median landmark shift {lm:.2f} px ({lm_rel:.1%} of face width), median mean |pixel diff| {px:.2f}/255')
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--n', type=int, default=500); ap.add_argument('--workers', type=int, default=2)
     ap.add_argument('--batch-size', type=int, default=16); ap.add_argument('--size', type=int, default=299)
     ap.add_argument('--n-downscale', type=int, default=40, help='images for the downscale comparison')
+    ap.add_argument('--blocks', type=int, default=5, help='alternate naive/pool over this many slices (cancels load drift)')
     ap.add_argument('--n-mtcnn', type=int, help='images for the mtcnn comparison (default: all)')
     ap.add_argument('--out', help='work folder (default: a temp folder, removed)')
     ap.add_argument('--only', default='pool,mtcnn,downscale')
@@ -123,7 +137,7 @@ def main(argv=None):
         tab, root, what = make_images(tmp/'data', a.n)
         print(f'{len(tab)} images: {what}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}')
         only = a.only.split(',')
-        if 'pool' in only: bench_pool(tab, root, tmp, a.workers, a.size)
+        if 'pool' in only: bench_pool(tab, root, tmp, a.workers, a.size, a.blocks)
         if 'mtcnn' in only: bench_mtcnn(tab.head(a.n_mtcnn or len(tab)), root, a.batch_size)
         if 'downscale' in only: bench_downscale(tab.head(a.n_downscale), root)
         print(f'load average at the end {os.getloadavg()[0]:.1f} (other processes share these cores)')

@@ -19,7 +19,7 @@ def make_images(out: Path, n: int, seed: int = 0) -> pd.DataFrame:
     "n mugshot-sized (480x600) JPEGs with a class-dependent brightness; the synth benchmark is used when present."
     try:
         from mugshotrace import synth
-        root = synth.make_benchmark(out/'synth', synth.SynthConfig())
+        root = synth.make_benchmark(out/'synth', synth.SynthConfig(), progress=False)
         df = pd.read_csv(Path(root)/'labels.csv').head(n)
         return df.assign(label=df.race_court, root=str(root))
     except Exception as e:

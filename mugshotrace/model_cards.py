@@ -24,10 +24,10 @@ AUDIT_COLUMNS = ('run_id', 'arch', 'variant', 'label_source', 'task', 'test_set'
 CONFOUND_COLUMNS = ('target_label', 'group', 'metric', 'value', 'ci_low', 'ci_high')
 
 def find_runs(root)->list[Path]:
-    "Run folders (with `config.json`) at or below `root`, sorted."
-    root = Path(root)
-    if (root/'config.json').exists(): return [root]
-    return sorted(p.parent for p in root.rglob('config.json') if 'preds' not in p.parts)
+    "Run folders of a study (the audit's rule: `root` itself, `root/runs/*` or `root/*` with a `config.json`); [] if none."
+    from mugshotrace.selfaudit import find_runs as _find_runs
+    try: return _find_runs(root)
+    except UserError: return []
 
 def _csvs_with(root, cols)->list[Path]:
     out = []

@@ -113,7 +113,7 @@ def _coverage(n, R, B, seed):
 def test_interval_coverage_near_nominal(n):
     cov = _coverage(n, R=1500, B=400, seed=n)
     for k in ('wilson', 'newcombe'): assert abs(cov[k] - .95) <= .02, (k, cov)
-    assert cov['clopper-pearson'] >= .95 - .01                       # exact: conservative by construction
+    assert cov['clopper-pearson'] >= .95 - 3*np.sqrt(.95*.05/1500)  # exact: never below nominal, up to Monte-Carlo error
     # the percentile bootstrap of a gap is only used by request: near nominal from 300 on, known to under-cover at 30
     assert abs(cov['bootstrap-gap'] - .95) <= (.02 if n >= 300 else .04), cov
 
@@ -123,7 +123,7 @@ def test_interval_coverage_near_nominal_slow(n):
     cov = _coverage(n, R=5000, B=1000, seed=10 + n)
     for k in ('wilson', 'newcombe'): assert abs(cov[k] - .95) <= .02, (k, cov)
     assert abs(cov['bootstrap-gap'] - .95) <= (.02 if n >= 300 else .04), cov
-    assert cov['clopper-pearson'] >= .95 - .005
+    assert cov['clopper-pearson'] >= .95 - 3*np.sqrt(.95*.05/5000)
 
 # ---------------------------------------------------------------- known-bias recovery and null control
 SPEC = [{'name': 'label noise', 'metric': 'accuracy', 'low': 'BH', 'high': 'BnH'},
@@ -212,22 +212,22 @@ def _cli(argv):
     a = ap.parse_args(argv); return a.func(a)
 
 def test_cli_writes_everything_and_resumes(tmp_path):
-    fabricate_runs(tmp_path/'study', n_per_group={'BH': 50, 'BnH': 50, 'WH': 50, 'WnH': 50})
+    fabricate_runs(tmp_path/'study', n_per_group={'BH': 30, 'BnH': 30, 'WH': 30, 'WnH': 30})
     out = tmp_path/'audit'
-    assert _cli(['audit', str(tmp_path/'study'), '--out', str(out), '--n-boot', '100', '--seed', '1']) == 0
+    assert _cli(['audit', str(tmp_path/'study'), '--out', str(out), '--n-boot', '50', '--seed', '1']) == 0
     t = pd.read_csv(out/'audit.csv')
     assert list(t.columns[:14]) == AUDIT_COLUMNS and t.run_id.nunique() == 8
     for f in ('runs.csv', 'summary_top.csv', 'summary_means.csv', 'summary_differences.csv', 'design_factors.csv',
               'flip_rates.csv', 'figures/heatmap_accuracy_race.png', 'figures/calibration_race.png'):
         assert (out/f).exists(), f
     m0 = (out/'audit.csv').stat().st_mtime_ns
-    assert _cli(['audit', str(tmp_path/'study'), '--out', str(out), '--n-boot', '100', '--seed', '1']) == 0
+    assert _cli(['audit', str(tmp_path/'study'), '--out', str(out), '--n-boot', '50', '--seed', '1']) == 0
     assert (out/'audit.csv').stat().st_mtime_ns == m0                      # unchanged inputs: skipped
     # change one run's predictions: only that run is recomputed (the others come from the cache)
     f = sorted((tmp_path/'study'/'runs').glob('*/preds/court__Black.csv'))[0]; d = pd.read_csv(f)
     d['Prediction'] = d['label']; write_csv(f, d)
     caches = {p.name: p.stat().st_mtime_ns for p in (out/'cache').glob('*.csv')}
-    assert _cli(['audit', str(tmp_path/'study'), '--out', str(out), '--n-boot', '100', '--seed', '1']) == 0
+    assert _cli(['audit', str(tmp_path/'study'), '--out', str(out), '--n-boot', '50', '--seed', '1']) == 0
     changed = [p.name for p in (out/'cache').glob('*.csv') if p.stat().st_mtime_ns != caches[p.name]]
     assert changed == [f"{f.parent.parent.name}.csv"]
     t2 = pd.read_csv(out/'audit.csv')
@@ -237,13 +237,13 @@ def test_cli_writes_everything_and_resumes(tmp_path):
     lab = pd.DataFrame({'image_id': [f'i{i}' for i in range(100)], 'race': ['Black', 'White']*50, 'ethnicity': ['Hispanic']*50 + ['NonHispanic']*50})
     write_csv(tmp_path/'labels.csv', lab)
     write_csv(tmp_path/'faces'/'openface'/'manifest.csv', lab[['image_id']].assign(variant='openface', status=['no_face', 'ok']*50))
-    assert _cli(['audit', str(tmp_path/'study'), '--out', str(out), '--n-boot', '100', '--seed', '1', '--faces', str(tmp_path/'faces'),
+    assert _cli(['audit', str(tmp_path/'study'), '--out', str(out), '--n-boot', '50', '--seed', '1', '--faces', str(tmp_path/'faces'),
                  '--labels', str(tmp_path/'labels.csv'), '--no-figures']) == 0
     dr = pd.read_csv(out/'drop_rates.csv').set_index(['group', 'metric'])
     assert dr.loc[('Black', 'drop_rate'), 'value'] == 1.0 and dr.loc[('White', 'drop_rate'), 'value'] == 0.0
     assert dr.loc[('Black vs White', 'gap:drop_rate'), 'q_value'] < 1e-6
     # same results as a fresh audit (no cache)
-    fresh = audit_runs(tmp_path/'study', n_boot=100, seed=1).df
+    fresh = audit_runs(tmp_path/'study', n_boot=50, seed=1).df
     pd.testing.assert_frame_equal(t2.reset_index(drop=True)[AUDIT_COLUMNS], fresh[AUDIT_COLUMNS].reset_index(drop=True),
                                   check_dtype=False, atol=1e-12)
 

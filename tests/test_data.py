@@ -26,12 +26,12 @@ def _expected(file, size, mean, std):
     return torch.tensor(((a - np.array(mean)) / np.array(std)).transpose(2, 0, 1), dtype=torch.float32)
 
 def _fake_variants(root, ids, rng):
-    "Four manifests as faces.load_manifest returns them: originals 480×600, crops 299×299, some images dropped."
+    "Four manifests as faces.load_manifest returns them: originals 240×300, crops 299×299, some images dropped."
     mans = {}
     for v in VARIANTS:
         d = root / v; d.mkdir(); rows = []
         for k, i in enumerate(ids):
-            w, h = (480, 600) if v == 'original' else (299, 299)
+            w, h = (240, 300) if v == 'original' else (299, 299)
             f = d / f'{i}.jpg'
             Image.fromarray(rng.integers(0, 255, (h // 20, w // 20, 3), dtype=np.uint8)).resize((w, h)).save(f, quality=90)
             dropped = (v == 'openface' and k % 7 == 0) or (v == 'mtcnn' and k % 11 == 0)
@@ -42,9 +42,9 @@ def _fake_variants(root, ids, rng):
 
 def test_four_variants_two_architectures(tmp_path, stats):
     rng = np.random.default_rng(0)
-    lab = pd.DataFrame({'image_id': [f'im{k}' for k in range(60)], 'person_id': [f'p{k // 2}' for k in range(60)],
-                        'race_court': ['Black' if k % 3 else 'White' for k in range(60)]})
-    sample = balanced_sample(lab, race2('court'), n=12, seed=0, valid_share=0.3, test_share=0.25)
+    lab = pd.DataFrame({'image_id': [f'im{k}' for k in range(44)], 'person_id': [f'p{k // 2}' for k in range(44)],
+                        'race_court': ['Black' if k % 3 else 'White' for k in range(44)]})
+    sample = balanced_sample(lab, race2('court'), n=10, seed=0, valid_share=0.3, test_share=0.25)
     y = lab.set_index('image_id').race_court
     mans = _fake_variants(tmp_path, list(lab.image_id), rng)
     for v, man in mans.items():

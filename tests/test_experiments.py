@@ -68,8 +68,10 @@ def test_run_folder_contract(toy):
             assert side['run_id'] == rid and side['model_sha256'] == model['weights_sha256'] and side['variant'] == 'original'
             if name != 'valid.csv':
                 src, grp = name[:-4].split('__')
-                assert side['label_source'] == src and side['group'] == grp and (p.group == grp).all() and (p.label == grp).all()
+                assert side['label_source'] == src and side['group'] == grp and (p.label == grp).all()
                 assert (p.race == grp).all()   # race column = that source's label
+                # group = the intersectional subgroup (BH, WH, BnH, WnH) under that source's labels
+                assert (p.group == [{'Black': 'B', 'White': 'W'}[r] + {'Hispanic': 'H', 'NonHispanic': 'nH'}[e] for r, e in zip(p.race, p.ethnicity)]).all()
         # metrics agree with the prediction files
         m = read_json(d/'metrics.json')
         for name, p in preds.items():
@@ -102,6 +104,9 @@ def test_results_table_and_skip(toy, capsys):
     assert main(['run', str(study)]) == 0
     assert '0 to run' in capsys.readouterr().err
     assert mtimes == {r: (Path(st.runs_root)/r/'model.safetensors').stat().st_mtime_ns for r in df.run_id}
+    # --only selects by run name or by run id
+    sel = run_grid(study, only=df.run_id[1], progress=False); assert list(sel.run_id) == [df.run_id[1]]
+    sel = run_grid(study, only='tiny_cnn-*-student-*', progress=False); assert list(sel.run_id) == [df.run_id[1]]
 
 def test_resume_after_kill(toy):
     "Kill `mugshotrace run` in the middle of training the second run, restart: each run done once, results identical."
@@ -186,8 +191,8 @@ SYNTH_GRID = {'arch': ['tiny_cnn', 'resnet18', 'alexnet'], 'variant': ['original
 @pytest.mark.slow
 @pytest.mark.parametrize('executor', ['local', 'submitit'])
 def test_cli_run_on_synth(tmp_path, executor):
-    synth = pytest.importorskip('mugshotrace.synth')
-    out = synth.make_benchmark(tmp_path/'synth', synth.SynthConfig())
+    from mugshotrace import synth
+    out = synth.make_benchmark(tmp_path/'synth', synth.SynthConfig(people=160, width=80, height=100), progress=False)
     d = {'name': 'synth', 'data': {'labels': {'table': 'labels.csv', 'columns': LABEL_COLUMNS}, 'images': '.',
                                    'preprocessed': 'faces', 'preprocess': {'progress': False, 'size': 48}, 'truth': '.'},
          'train': {'epochs': 1, 'size': 40, 'bs': 16, 'n_per_class': 40, 'lr': 1e-2, 'init': 'random'},

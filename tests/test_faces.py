@@ -21,7 +21,7 @@ def _bomb_png(path, w=30000, h=30000):
     path.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 8, 0, 0, 0, 0)) +
                      chunk(b'IDAT', raw) + chunk(b'IEND', b''))
 
-def make_hostile_corpus(d:Path, large_side=1000):
+def make_hostile_corpus(d:Path, large_side=800):
     "Write the hostile corpus into `d/images`; return (table, expected status per variant kind)."
     im = d/'images'; im.mkdir(parents=True, exist_ok=True)
     g = Image.open(HOPPER).convert('RGB').resize((256, 300), Image.LANCZOS)
@@ -157,7 +157,7 @@ def _transformed_photos(d:Path, n=4):
             rows.append((f'{name}{k}', f'{name}{k}.png'))
     try:
         from mugshotrace.synth import make_benchmark, SynthConfig
-        sb = make_benchmark(d.parent/'synth', SynthConfig(people=2, seed=1))
+        sb = make_benchmark(d.parent/'synth', SynthConfig(people=2, seed=1), progress=False)
         lab = pd.read_csv(Path(sb)/'labels.csv', dtype={'image_id': str}).head(n)
         rows += [(f's_{i}', str((Path(sb)/p).resolve())) for i, p in zip(lab.image_id, lab.path)]
     except ImportError: pass

@@ -59,7 +59,7 @@ def _batched_equals_single(name):
             np.testing.assert_allclose(getattr(a, k)[i], getattr(o, k)[0], rtol=1e-4, atol=1e-6 * max(1e-12, np.abs(getattr(a, k)).max()) + 1e-9)
     # guidance is really applied: guided backprop differs from the plain input gradient
     xx = x.clone().requires_grad_(True); ex.model(xx)[torch.arange(3), torch.as_tensor(a.target)].sum().backward()
-    assert not np.allclose(a.guided_backprop, xx.grad.numpy())
+    g = xx.grad.numpy(); assert np.abs(a.guided_backprop - g).max() > 1e-2 * np.abs(g).max() > 0   # scale-free: random-init grads can be ~1e-14
     assert a.gradcam.shape == (3, s, s) and a.guided_backprop.shape == (3, 3, s, s)
 
 @pytest.mark.parametrize('name', FAST_ARCHS)
@@ -228,3 +228,30 @@ def test_spurious_cue_gets_more_saliency(tmp_path):
     assert d.mean() > 0 and stats.wilcoxon(d, alternative='greater').pvalue < 0.01
     boot = np.array([d[rng.integers(0, len(d), len(d))].mean() for _ in range(2000)])
     assert np.quantile(boot, 0.025) > 0
+
+# ---------------------------------------------------------------- a real run of the grid runner on the synth benchmark
+@pytest.mark.slow
+def test_explain_on_a_synth_study_run(tmp_path):
+    "synth → openface preprocessing → one tiny_cnn run of `run_grid` → `mugshotrace explain --study`: figures and charts."
+    import yaml
+    from mugshotrace.cli import main
+    from mugshotrace.experiments import run_grid, load_study
+    synth = pytest.importorskip('mugshotrace.synth')
+    bench = synth.make_benchmark(tmp_path/'bench', synth.SynthConfig(people=40, seed=2, width=240, height=300), progress=False)
+    cols = {'court': {'race': 'race_court', 'ethnicity': 'ethnicity_court'}, 'student': {'race': 'race_student', 'ethnicity': 'ethnicity_student'}}
+    study = {'name': 'mini', 'data': {'labels': {'table': str(bench/'labels.csv'), 'columns': cols}, 'images': str(bench),
+                                      'preprocessed': str(tmp_path/'faces'), 'preprocess': {'size': 96, 'progress': False}, 'truth': str(bench)},
+             'train': {'epochs': 1, 'size': 64, 'bs': 8, 'n_per_class': 6, 'init': 'random', 'aug': False},
+             'grid': {'arch': ['tiny_cnn'], 'variant': ['openface'], 'label_source': ['student']}, 'runs': str(tmp_path/'runs')}
+    sp = tmp_path/'study.yaml'; sp.write_text(yaml.safe_dump(study))
+    df = run_grid(sp, progress=False); assert (df.state == 'done').all(), df
+    run = Path(load_study(sp).runs_root)/df.run_id[0]
+    assert main(['explain', str(run), '--study', str(sp), '--max-images', '8']) == 0
+    out = run/'explain'; tests = [p.stem for p in (run/'preds').glob('*.csv') if p.stem != 'valid']
+    bw = pd.read_csv(out/'best_worst.csv')
+    assert len(tests) >= 2 and set(bw.dataset) <= set(tests)
+    assert all((out/'figures'/'best_worst'/f'{t}.png').exists() for t in set(bw.dataset))
+    assert (out/'figures'/'regions_by_group.png').exists() and (out/'region_differences.csv').exists()
+    info = json.loads((out/'explain.json').read_text())
+    assert info['synthetic'] is True and info['show_faces'] is True            # synthetic faces may be shown
+    sh = pd.read_csv(out/'region_shares.csv'); assert sh['has_landmarks'].mean() > 0.9

@@ -5,7 +5,7 @@ from PIL import Image
 from mugshotrace.core import UserError
 from mugshotrace.labels import (LabelSpec, load_labels, fairface_labels, utkface_labels, consensus, task_labels, race2,
                                 race_eth4, Task, subgroup_code)
-from mugshotrace.agreement import (fleiss_kappa, krippendorff_alpha, cohen_kappa, vote_counts, rater_agreement,
+from mugshotrace.agreement import (fleiss_kappa, fleiss_kappa_ci, label_quality, krippendorff_alpha, cohen_kappa, vote_counts, rater_agreement,
                                    source_agreement, source_confusion, expected_fleiss_kappa, expected_cohen_kappa,
                                    flip_matrix, majority_accuracy)
 
@@ -97,6 +97,17 @@ def test_krippendorff_matches_an_independent_implementation(seed):
     v = pd.DataFrame(rows, columns=['image_id', 'rater_id', 'attribute', 'value'])
     assert krippendorff_alpha(v, 'x') == pytest.approx(_alpha_nominal(v), abs=1e-9)
 
+def test_fleiss_interval_covers_the_population_value():
+    "Over 60 simulated panels, the 95 % bootstrap interval covers the noise model's kappa about 95 % of the time."
+    rng = np.random.default_rng(5); e, R, N = 0.2, 4, 80
+    want = expected_fleiss_kappa([0.5, 0.5], flip_matrix(2, e)); hits = 0
+    for _ in range(60):
+        t = rng.random(N) < 0.5; wrong = rng.random((N, R)) < e
+        black = (t[:, None] ^ wrong).sum(1); x = np.c_[black, R - black]
+        lo, hi = fleiss_kappa_ci(x, n_boot=300, seed=int(rng.integers(1 << 30)))
+        hits += lo <= want <= hi
+    assert 50 <= hits <= 60  # binomial(60, .95): P(< 50) ≈ 0.001
+
 def test_cohen_matches_sklearn():
     from sklearn.metrics import cohen_kappa_score
     rng = np.random.default_rng(1); a = rng.choice(list('xyz'), 500); b = np.where(rng.random(500) < 0.6, a, rng.choice(list('xyz'), 500))
@@ -127,3 +138,55 @@ def test_per_subgroup_agreement_recovers_injected_noise():
         assert sa.loc[g, 'cohen_kappa'] == pytest.approx(want, abs=0.04)
     conf = source_confusion(cons, 'race', 'court', 'student', groups=groups)
     assert conf.query("group == 'all'").n.sum() == N and set(conf.group) == {'all', 'Hispanic', 'NonHispanic'}
+
+# --- on the semi-synthetic benchmark ------------------------------------------------------------------------------
+
+def _binary_confusions(groups, attr, values, noise):
+    "Rows per true subgroup: P(reported value | subgroup) for one attribute under flip noise `noise[g]`."
+    from mugshotrace.labels import CATEGORIES
+    cats = CATEGORIES[attr]
+    return np.array([[1 - noise[g] if values[g] == c else noise[g] for c in cats] for g in groups])
+
+def test_synth_consensus_beats_single_rater_and_kappas_match_the_injected_noise(tmp_path):
+    synth = pytest.importorskip('mugshotrace.synth')
+    court = {'BH': 0.35, 'WH': 0.05, 'BnH': 0.05, 'WnH': 0.05}; e_s, R = 0.15, 5
+    cfg = synth.SynthConfig(people=300, seed=11, width=64, height=80, court_noise=court, student_noise=e_s, student_raters=R)
+    out = synth.make_benchmark(tmp_path / 'bench', cfg, progress=False)
+    lab = load_labels(out / 'labels.csv', images_root=out)          # ids and image files match one-to-one
+    truth = synth.load_truth(out).set_index('image_id').loc[lab.image_id]
+    votes = pd.read_csv(out / 'votes.csv', dtype=str)
+    cons = consensus(votes, source='student').set_index('image_id').loc[lab.image_id]
+    for a in ('race', 'ethnicity'):                                  # our consensus reproduces the panel majority
+        assert (cons[f'{a}_student'].values == lab[f'{a}_student'].values).all()
+    n = len(lab); groups = ['BH', 'WH', 'BnH', 'WnH']
+    pi = truth.group.value_counts(normalize=True).reindex(groups).values
+    g_attr = {'race': {'BH': 'Black', 'BnH': 'Black', 'WH': 'White', 'WnH': 'White'},
+              'ethnicity': {'BH': 'Hispanic', 'WH': 'Hispanic', 'BnH': 'NonHispanic', 'WnH': 'NonHispanic'}}
+    maj = {g: majority_accuracy(R, e_s) for g in groups}
+    for a in ('race', 'ethnicity'):
+        # 1. consensus labels agree with the truth better than the single (court) rater, by the predicted margin
+        acc_c = (lab[f'{a}_court'].values == truth[a].values).mean(); acc_s = (lab[f'{a}_student'].values == truth[a].values).mean()
+        exp_c = float(pi @ np.array([1 - court[g] for g in groups])); exp_s = majority_accuracy(R, e_s)
+        tol = lambda p: 4 * np.sqrt(p * (1 - p) / n) + 0.01
+        assert acc_s > acc_c and abs(acc_c - exp_c) < tol(exp_c) and abs(acc_s - exp_s) < tol(exp_s)
+        # 2. inter-rater agreement of the panel where the noise model puts it
+        C_s = _binary_confusions(groups, a, g_attr[a], {g: e_s for g in groups})
+        want = expected_fleiss_kappa(pi, C_s)
+        assert fleiss_kappa(vote_counts(votes, a)) == pytest.approx(want, abs=0.08)
+        assert krippendorff_alpha(votes, a) == pytest.approx(want, abs=0.08)
+        # 3. court vs student: Cohen's kappa from the two sources' confusions
+        C_c = _binary_confusions(groups, a, g_attr[a], court); C_m = _binary_confusions(groups, a, g_attr[a], {g: 1 - maj[g] for g in groups})
+        sa = source_agreement(lab, a, 'court', 'student', groups=truth.group).set_index('group')
+        assert sa.loc['all', 'cohen_kappa'] == pytest.approx(expected_cohen_kappa(pi, C_c, C_m), abs=0.1)
+        # 4. per subgroup: the injected court noise in BH shows up as lower court–student agreement there only
+        for g in groups:
+            p = (1 - court[g]) * maj[g] + court[g] * (1 - maj[g]); k = sa.loc[g, 'n']
+            assert abs(sa.loc[g, 'agreement'] - p) < 4 * np.sqrt(p * (1 - p) / k) + 0.02, (a, g)
+        assert sa.loc['BH', 'agreement'] < min(sa.loc[g, 'agreement'] for g in ('WH', 'BnH', 'WnH')) - 0.15
+    # 5. the sampler on the benchmark: repeat bookings of one person never straddle training and test
+    from mugshotrace.sampling import balanced_sample
+    s = balanced_sample(lab, race_eth4('student'), n=15, seed=2, holdout_seed=0)
+    pid = lab.set_index('image_id').person_id
+    test_p = set(pid[list(sum(s.tests.values(), ()))]); dev_p = set(pid[list(s.train + s.valid)])
+    assert not test_p & dev_p and not set(pid[list(s.train)]) & set(pid[list(s.valid)])
+    assert sorted(s.tests) == sorted(f'{src}/{g}' for src in ('court', 'student') for g in groups)
