@@ -31,7 +31,8 @@ def wilson_interval(k, # successes (array-like)
     with np.errstate(invalid='ignore', divide='ignore'):
         p = k/n; d = 1 + z*z/n; c = (p + z*z/(2*n))/d
         h = z*np.sqrt(p*(1 - p)/n + z*z/(4*n*n))/d
-        lo, hi = np.clip(c - h, 0, 1), np.clip(c + h, 0, 1)
+        # the Wilson interval always contains k/n; min/max keep that true under rounding (e.g. k == n)
+        lo, hi = np.clip(np.minimum(c - h, p), 0, 1), np.clip(np.maximum(c + h, p), 0, 1)
     return np.where(n > 0, lo, np.nan), np.where(n > 0, hi, np.nan)
 
 def clopper_pearson_interval(k, n, alpha:float=0.05)->tuple[np.ndarray, np.ndarray]:

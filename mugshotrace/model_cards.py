@@ -39,8 +39,9 @@ def _csvs_with(root, cols)->list[Path]:
     return out
 
 def load_audit(root)->pd.DataFrame:
-    "The audit table(s) found under `root`, concatenated and de-duplicated (empty if none)."
-    fs = _csvs_with(root, AUDIT_COLUMNS)
+    "The study's audit table (`root/audit/audit.csv` when present, else every audit table under `root`, de-duplicated)."
+    canonical = Path(root)/'audit'/'audit.csv'
+    fs = [canonical] if canonical.exists() else _csvs_with(root, AUDIT_COLUMNS)
     if not fs: return pd.DataFrame(columns=list(AUDIT_COLUMNS))
     return pd.concat([pd.read_csv(f, dtype={'run_id': str, 'group': str}) for f in fs]).drop_duplicates(
         subset=['run_id', 'test_set', 'group', 'metric']).reset_index(drop=True)

@@ -71,7 +71,9 @@ def caterpillar(audit:pd.DataFrame, metric:str='accuracy', max_rows:int=80):
     for ax, g in zip(axs[0], groups):
         d = a[a.group.astype(str) == g].sort_values('value').tail(max_rows)
         y = np.arange(len(d))
-        ax.errorbar(d.value, y, xerr=[d.value - d.ci_low.fillna(d.value), d.ci_high.fillna(d.value) - d.value], fmt='o', ms=3, lw=1, capsize=2)
+        # a bootstrap interval need not contain its point estimate: clip the bars at zero rather than fail
+        lo, hi = (d.value - d.ci_low.fillna(d.value)).clip(lower=0), (d.ci_high.fillna(d.value) - d.value).clip(lower=0)
+        ax.errorbar(d.value, y, xerr=[lo, hi], fmt='o', ms=3, lw=1, capsize=2)
         ax.set_yticks(y); ax.set_yticklabels([f'{r}·{t}' for r, t in zip(d.run_id, d.test_set)], fontsize=6)
         ax.set_title(f'{g} (n scenarios = {len(d)})', fontsize=9); ax.set_xlabel(f'{metric} (95% CI)', fontsize=8)
         ax.axvline(a.value.mean(), color='grey', lw=.6, ls='--')

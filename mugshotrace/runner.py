@@ -156,7 +156,7 @@ def preds_frame(items:pd.DataFrame, # image_id, label (rows of one dataset)
                 probs:np.ndarray, classes, # probabilities and their class order
                 table:pd.DataFrame, # the tidy label table
                 source:str, # the dataset's label source
-                truth:pd.Series|None=None # true class per image_id (synth benchmark)
+                truth:pd.DataFrame|None=None # per image_id: `truth` (true class), `true_race`, `true_ethnicity`, `true_group` (synth benchmark)
                )->pd.DataFrame:
     "The predictions table of one dataset."
     df = pd.DataFrame({'image_id': items.image_id.astype(str).values})
@@ -169,16 +169,19 @@ def preds_frame(items:pd.DataFrame, # image_id, label (rows of one dataset)
         df[a] = t[col].reindex(df.image_id).values if col in t else None
     # the intersectional subgroup (BH, WH, BnH, WnH) under this label source; the label itself for other tasks
     df['group'] = subgroup_code(df['race'], df['ethnicity']) if df['race'].notna().all() and df['ethnicity'].notna().all() and len(df) else df['label']
-    if truth is not None: df['truth'] = truth.reindex(df.image_id).values
+    if truth is not None:
+        for c in truth.columns: df[c] = truth[c].reindex(df.image_id).values
     return df
 
 # %% ../nbs/36_runner.ipynb #c98f6b5d
-def _truth(data:StudyData, cfg:RunConfig)->pd.Series|None:
+def _truth(data:StudyData, cfg:RunConfig)->pd.DataFrame|None:
+    "The benchmark's true class and true attributes per image_id, so the audit can also group by truth."
     if not data.truth: return None
     from mugshotrace.synth import load_truth
-    from mugshotrace.labels import subgroup_code
     t = load_truth(data.truth); t = t.set_index(t['image_id'].astype(str)) if 'image_id' in t else t
-    return t['race'] if cfg.task == 'race2' else subgroup_code(t['race'], t['ethnicity'])
+    g = subgroup_code(t['race'], t['ethnicity'])
+    return pd.DataFrame({'truth': t['race'] if cfg.task == 'race2' else g, 'true_race': t['race'],
+                         'true_ethnicity': t['ethnicity'], 'true_group': g}, index=t.index)
 
 def train_and_evaluate(cfg:RunConfig, data:StudyData, paths:RunPaths)->dict:
     "Sample, train, predict, bundle: write every output of the run into `paths` (not the state)."

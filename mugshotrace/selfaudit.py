@@ -16,8 +16,8 @@ from .audit import percentile_interval
 from .audit_stats import audit_predictions, add_qvalues, PRED_GROUP_COLS
 
 # %% auto #0
-__all__ = ['AUDIT_COLUMNS', 'DESIGN_FACTORS', 'find_runs', 'run_config', 'run_scenarios', 'fabricate_runs', 'audit_run',
-           'audit_runs', 'AuditFrame', 'seed_summaries', 'run_selfaudit', 'add_audit_parser']
+__all__ = ['AUDIT_COLUMNS', 'DESIGN_FACTORS', 'TRUTH_GROUP_COLS', 'find_runs', 'run_config', 'run_scenarios', 'fabricate_runs',
+           'audit_run', 'audit_runs', 'AuditFrame', 'seed_summaries', 'run_selfaudit', 'add_audit_parser']
 
 # %% ../nbs/42_selfaudit.ipynb #7c7ccece
 AUDIT_COLUMNS = ['run_id', 'arch', 'variant', 'label_source', 'task', 'test_set', 'group', 'metric', 'value',
@@ -86,9 +86,15 @@ def fabricate_runs(root, # folder to write `runs/<run_id>/` into
 # %% ../nbs/42_selfaudit.ipynb #333782a6
 def _scenario_seed(seed, run_id, test_set)->int: return int(stable_hash([seed, run_id, test_set], 8), 16)
 
+TRUTH_GROUP_COLS = ('true_race', 'true_ethnicity', 'true_group')
+
 def audit_run(run_dir, target:str='label', alpha:float=0.05, interval:str='wilson', n_boot:int=1000, seed:int=0,
-              min_n:int=30, n_bins:int=10, n_perm:int=0, pooled:bool=True, gap_interval:str='newcombe')->pd.DataFrame:
+              min_n:int=30, n_bins:int=10, n_perm:int=0, pooled:bool=True, gap_interval:str='newcombe',
+              groups:str='label' # 'label': groups as the label source says (all real data has); 'truth': the benchmark's true groups
+             )->pd.DataFrame:
     "Tidy audit rows (without q-values) of every scenario of one run."
+    if groups not in ('label', 'truth'): raise UserError(f"groups must be 'label' or 'truth', not {groups!r}")
+    group_cols = PRED_GROUP_COLS if groups == 'label' else TRUTH_GROUP_COLS
     cfg, parts = run_config(run_dir), []
     scen = run_scenarios(run_dir); tables = {}
     for s in scen: tables[s['test_set']] = pd.read_csv(s['file'], dtype={'image_id': str})
@@ -96,7 +102,9 @@ def audit_run(run_dir, target:str='label', alpha:float=0.05, interval:str='wilso
     if pooled and len(own) > 1:
         tables[f"{cfg['label_source']}/pooled"] = pd.concat([tables[t] for t in own]).drop_duplicates('image_id')
     for ts, df in tables.items():
-        t = audit_predictions(df, target, PRED_GROUP_COLS, alpha, interval, n_boot, _scenario_seed(seed, cfg['run_id'], ts),
+        if groups == 'truth' and not set(TRUTH_GROUP_COLS) <= set(df.columns):
+            raise UserError(f"{run_dir}: predictions of {ts} have no true-group columns ({', '.join(TRUTH_GROUP_COLS)}); --groups truth needs a benchmark with truth.json")
+        t = audit_predictions(df, target, group_cols, alpha, interval, n_boot, _scenario_seed(seed, cfg['run_id'], ts),
                               min_n, n_bins, n_perm, gap_interval=gap_interval)
         parts.append(t.assign(test_set=ts))
     if not parts: return pd.DataFrame(columns=AUDIT_COLUMNS + ['attribute', 'small'])
@@ -194,11 +202,14 @@ def seed_summaries(af:AuditFrame, metric:str='accuracy', attribute:str='race', k
 # %% ../nbs/42_selfaudit.ipynb #aa5a8f2a
 def run_selfaudit(run_dir, out=None, n_boot:int=1000, seed:int=0, alpha:float=0.05, interval:str='wilson',
                   correction:str='holm', min_n:int=30, target:str='label', n_perm:int=0, attribute:str='race',
-                  faces=None, labels=None, figures:bool=True, progress:bool=True, gap_interval:str='newcombe')->Path:
+                  faces=None, labels=None, figures:bool=True, progress:bool=True, gap_interval:str='newcombe',
+                  groups:str='label')->Path:
     "The full self-audit of a runs folder into `out`; skipped when inputs and options are unchanged."
     from mugshotrace import audit_factors as F
     runs = find_runs(run_dir); out = Path(out) if out else (Path(run_dir)/'audit')
-    opts = dict(target=target, alpha=alpha, interval=interval, n_boot=n_boot, seed=seed, min_n=min_n, n_perm=n_perm, gap_interval=gap_interval)
+    opts = dict(target=target, alpha=alpha, interval=interval, n_boot=n_boot, seed=seed, min_n=min_n, n_perm=n_perm, gap_interval=gap_interval,
+                groups=groups)
+    if groups == 'truth' and attribute in ('race', 'ethnicity', 'group'): attribute = f'true_{attribute}'
     extra = [str(p) for p in (faces, labels) if p]
     for p in ([Path(labels)] if labels else []) + (sorted(Path(faces).glob('*/manifest.csv')) if faces else []):
         if not p.exists(): raise UserError(f'{p} not found')
@@ -237,6 +248,9 @@ def add_audit_parser(subparsers):
     p.add_argument('--correction', default='holm', choices=['holm', 'fdr_bh', 'bonferroni'], help='multiple-comparison control')
     p.add_argument('--min-n', type=int, default=30, help='flag groups smaller than this as small')
     p.add_argument('--target', default='label', choices=['label', 'truth'], help='reference column of the predictions')
+    p.add_argument('--groups', default='label', choices=['label', 'truth'],
+                   help="group membership: as the run's label source says (default; all real data has), or the benchmark's truth "
+                        '(to validate the audit: noisy labels move people between groups, which relocates an injected gap)')
     p.add_argument('--n-perm', type=int, default=0, help='permutations for the calibration-gap test (0: none)')
     p.add_argument('--attribute', default='race', help='group attribute of the summaries and the design-factor model')
     p.add_argument('--faces', default=None, help='preprocessing output folder (<variant>/manifest.csv) for drop rates')
@@ -250,6 +264,6 @@ def _audit_main(args)->int:
     if args.n_boot < 0: raise UserError('--n-boot must be >= 0')
     out = run_selfaudit(args.run_dir, args.out, args.n_boot, args.seed, args.alpha, args.interval, args.correction, args.min_n,
                         args.target, args.n_perm, args.attribute, args.faces, args.labels, not args.no_figures,
-                        gap_interval=args.gap_interval)
+                        gap_interval=args.gap_interval, groups=args.groups)
     print(f'audit written to {out}')
     return 0

@@ -251,3 +251,11 @@ def test_cli_bad_input(tmp_path):
     with pytest.raises(UserError, match='no run folders'): _cli(['audit', str(tmp_path)])
     with pytest.raises(UserError, match='does not exist'): _cli(['audit', str(tmp_path/'missing')])
     with pytest.raises(UserError, match='go together'): _cli(['audit', str(tmp_path), '--faces', str(tmp_path)])
+
+def test_proportion_intervals_contain_the_estimate_exactly():
+    "Wilson and Clopper–Pearson contain k/n for every k, n (no rounding escapes at k = 0 or k = n)."
+    from mugshotrace.audit import wilson_interval, clopper_pearson_interval
+    n = np.repeat(np.arange(1, 301), np.arange(1, 301) + 1); k = np.concatenate([np.arange(m + 1) for m in range(1, 301)])
+    for f in (wilson_interval, clopper_pearson_interval):
+        lo, hi = f(k, n); p = k / n
+        assert ((lo <= p) & (p <= hi)).all(), f.__name__

@@ -41,8 +41,9 @@ def _bh_gaps(audit, source):
     return pd.DataFrame(rows)
 
 def test_audit_recovers_the_injected_label_bias(demo):
+    "Grouped by the benchmark's truth, BH is less accurate against court labels only (the bias we injected)."
     out, _, _ = demo
-    audit = pd.read_csv(out/'audit'/'audit.csv')
+    audit = pd.read_csv(out/'validation'/'audit_truth'/'audit.csv')
     court, student = _bh_gaps(audit, 'court'), _bh_gaps(audit, 'student')
     assert len(court) == 3 and len(student) == 3, (court, student)
     # injected: court labels of BH flipped at 35% -> BH accuracy against court labels is lower, interval excludes 0
@@ -50,6 +51,13 @@ def test_audit_recovers_the_injected_label_bias(demo):
     # the clean consensus labels show no such gap: every interval covers zero or is far smaller than the court gap
     assert court.gap.mean() < student.gap.mean() - 0.1, (court, student)
     assert (student.ci_low <= 0).all() or student.gap.abs().max() < 0.05, student
+
+def test_label_grouped_audit_sees_the_bias_where_labels_moved_it(demo):
+    "Grouped by court labels (all real data has), mislabelled BH people sit in WH: court WH is the least accurate group."
+    out, _, _ = demo
+    a = pd.read_csv(out/'audit'/'audit.csv')
+    acc = a[(a.metric == 'accuracy') & (a.test_set == 'court/pooled')].assign(g=lambda d: d.group.str.split('=').str[-1]).set_index('g')
+    assert acc.loc['WH', 'value'] == acc.loc[['BH', 'WH', 'BnH', 'WnH'], 'value'].min(), acc
 
 def test_demo_resumes_without_redoing_work(demo):
     out, _, first = demo
