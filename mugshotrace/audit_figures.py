@@ -12,21 +12,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from .core import write_bytes
+from .core import save_figure
 from .audit import reliability_curve
 from .audit_stats import prediction_classes
 from .selfaudit import AuditFrame, run_config, run_scenarios
 
 # %% auto #0
-__all__ = ['save_figure', 'heatmap_figure', 'forest_figure', 'gap_forest_figure', 'group_reliability', 'calibration_figure',
+__all__ = ['heatmap_figure', 'forest_figure', 'gap_forest_figure', 'group_reliability', 'calibration_figure',
            'write_audit_figures']
 
 # %% ../nbs/43_audit_figures.ipynb #94dc2911
-def save_figure(fig:Figure, path)->Path:
-    "Render `fig` (format from the suffix) and write it atomically."
-    buf = io.BytesIO(); fig.savefig(buf, format=Path(path).suffix.lstrip('.') or 'png', dpi=120, bbox_inches='tight')
-    return write_bytes(path, buf.getvalue())
-
 def heatmap_figure(af:AuditFrame, metric:str='accuracy', attribute:str='race', max_rows:int=300)->Figure:
     "Scenario × group heatmap of a metric (rows sorted by their mean), values annotated when small."
     t = af.metric(metric); t = t[(t.attribute == attribute) & ~t.test_set.str.endswith('/pooled')]

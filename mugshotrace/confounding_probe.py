@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from .core import (seed_everything, UserError, write_csv, write_json, write_bytes, read_json, stable_hash,
+from .core import (seed_everything, UserError, write_csv, write_json, write_bytes, read_json, stable_hash, save_figure,
                               load_rgb, ImageError, environment_info)
 from .confounding import (ConfoundConfig, ConvAutoencoder, SmallCNN, train_autoencoder, train_classifier,
                                      reconstruction_quality, latent_counterfactuals, fit_oracle_calibration,
@@ -24,8 +24,8 @@ from .confounding import (ConfoundConfig, ConvAutoencoder, SmallCNN, train_autoe
 
 # %% auto #0
 __all__ = ['procedural_shapes', 'confounded_subsample', 'BlackBox', 'predict_probs', 'Oracle', 'fit_oracle', 'ProbeResult',
-           'probe', 'ExperimentResult', 'confounding_experiment', 'plot_counterfactual_paths', 'save_figure',
-           'load_image_tensor', 'confound_run', 'synth_experiment']
+           'probe', 'ExperimentResult', 'confounding_experiment', 'plot_counterfactual_paths', 'load_image_tensor',
+           'confound_run', 'synth_experiment']
 
 # %% ../nbs/56_confounding_probe.ipynb #01d4339d
 def procedural_shapes(n:int, size:int=32, seed:int=0)->tuple[torch.Tensor, np.ndarray, np.ndarray]:
@@ -236,11 +236,7 @@ def plot_counterfactual_paths(ae:ConvAutoencoder, res:ProbeResult, bb:BlackBox, 
     fig.suptitle(title, fontsize=8); fig.tight_layout()
     return fig
 
-def save_figure(fig, path)->Path:
-    "Save a matplotlib figure as PNG atomically and close it."
-    import matplotlib.pyplot as plt
-    buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=120); plt.close(fig)
-    return write_bytes(path, buf.getvalue())
+
 
 # %% ../nbs/56_confounding_probe.ipynb #9edd7edb
 def load_image_tensor(files, size:int, crop:float=1.0, # keep this central fraction of the square's side
@@ -317,7 +313,7 @@ def confound_run(run_dir, # a finished run folder (model bundle + preds/)
     write_csv(out/'confounding.csv', tab)
     write_csv(out/'counterfactuals.csv', pd.concat([pool.loc[pr, ['image_id']].reset_index(drop=True), res.images], axis=1))
     write_csv(out/'oracle.csv', oracle.table)
-    if figures: save_figure(plot_counterfactual_paths(ae, res, bb, oracle, x[pr], title=f'{run_id}: xGEM paths'), out/'paths.png')
+    if figures: save_figure(plot_counterfactual_paths(ae, res, bb, oracle, x[pr], title=f'{run_id}: xGEM paths'), out/'paths.png', close=True)
     summary = {'key': key, 'run_id': run_id, 'attribute': attribute, 'config': asdict(cfg), 'n_pool': len(pool), 'n_probe': int(n_probe),
                'reconstruction': reconstruction_quality(ae, x[pr], x[rest].mean(0)), 'oracle': oracle.summary,
                'probe': res.summary, 'calibration': oracle.calibration.to_dict(), 'environment': environment_info()}

@@ -17,13 +17,13 @@ import pandas as pd
 import torch
 from torch import nn
 import torch.nn.functional as F
-from .core import UserError, write_bytes, write_csv, write_json, read_json, load_rgb, sha256_file
+from .core import UserError, write_bytes, write_csv, write_json, read_json, load_rgb, sha256_file, save_figure
 
 # %% auto #0
 __all__ = ['METHODS', 'FunctionalReLUError', 'find_functional_relus', 'guided_copy', 'Attributions', 'explaining_mode',
            'Explainer', 'load_inputs', 'class_columns', 'best_worst', 'scenario_best_worst', 'privatize',
-           'heat_overlay', 'guided_image', 'save_figure', 'best_worst_figure', 'run_images', 'explain_upright',
-           'explain_run', 'add_explain_parser']
+           'heat_overlay', 'guided_image', 'best_worst_figure', 'run_images', 'explain_upright', 'explain_run',
+           'add_explain_parser']
 
 # %% ../nbs/45_interp.ipynb #b622cb7a
 class FunctionalReLUError(RuntimeError):
@@ -238,10 +238,6 @@ def guided_image(g:np.ndarray # (3, H, W) guided map
     g = g.transpose(1, 2, 0); g = (g - g.mean()) / (g.std() + 1e-12) * 0.1 + 0.5
     return np.clip(g, 0, 1)
 
-def save_figure(fig, path, dpi:int=100)->Path:
-    "Write a matplotlib figure as PNG atomically."
-    buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=dpi, bbox_inches='tight')
-    return write_bytes(path, buf.getvalue())
 
 def best_worst_figure(rows:pd.DataFrame, # rows of `best_worst` (one per image, in display order)
                       images:np.ndarray, # (B, H, W, 3) uint8 model inputs of those rows
@@ -372,7 +368,7 @@ def explain_run(run_dir, # a finished run folder
             x, imgs = load_inputs([files[i] for i in rows['image_id']], size, mean, std)
             tgt = [classes.index(c) if c in classes else None for c in rows['Prediction'].astype(str)]
             a = explain_upright(ex, x, None if None in tgt else tgt, METHODS, _inverted(run, ds, cfg))
-            save_figure(best_worst_figure(rows, imgs, a, show, title=f'{rid} · {ds}'), fig_path)
+            save_figure(best_worst_figure(rows, imgs, a, show, title=f'{rid} · {ds}'), fig_path, dpi=100)
         if not reg_path.exists():
             p = pd.read_csv(run/'preds'/f'{ds}.csv', dtype={'image_id': str})
             p = _sample(p[p['image_id'].isin(files)], max_images, seed)
@@ -399,7 +395,7 @@ def explain_run(run_dir, # a finished run folder
             for g, d in lab.groupby(attr, sort=True):
                 ms = np.stack([allmaps[i] / allmaps[i].sum() for i in d['image_id'] if i in allmaps and allmaps[i].sum() > 0]) if len(d) else None
                 if ms is not None and len(ms): mm[g] = ms.mean(0)
-            save_figure(R.region_figure(m, mm, title=f'{rid}: Grad-CAM share per facial region by {attr} (95% CI)'), out/'figures'/f'regions_by_{attr}.png')
+            save_figure(R.region_figure(m, mm, title=f'{rid}: Grad-CAM share per facial region by {attr} (95% CI)'), out/'figures'/f'regions_by_{attr}.png', dpi=100)
         if means: write_csv(out/'region_means.csv', pd.concat(means, ignore_index=True))
         if diffs: write_csv(out/'region_differences.csv', pd.concat(diffs, ignore_index=True))
         if faith: write_csv(out/'faithfulness.csv', pd.concat(faith, ignore_index=True))

@@ -13,9 +13,15 @@ from mugshotrace.core import UserError, read_json
 from mugshotrace.confounding import (ConfoundConfig, fit_equalized_odds, equalized_odds_gap, oracle_error_table,
                                      confounding_table, train_classifier, fit_tensors)
 from mugshotrace.confounding_probe import (procedural_shapes, confounding_experiment, confound_run, BlackBox,
-                                           predict_probs, plot_counterfactual_paths, save_figure)
+                                           predict_probs, plot_counterfactual_paths)
+from mugshotrace.core import save_figure
 
-torch.set_num_threads(1)   # shared CPUs: oversubscribed torch threads are many times slower
+@pytest.fixture(autouse=True, scope='module')
+def _one_torch_thread():
+    "One torch thread for this module (shared CPUs: oversubscription is many times slower), restored afterwards so\n    other modules' bit-for-bit comparisons with subprocesses see the default."
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 FAST = ConfoundConfig(ae_epochs=6, ae_width=16, clf_epochs=8, bs=32, n_images=120, n_boot=1000, steps=100)
 

@@ -184,12 +184,14 @@ def test_rendered_attributes_are_measurable(bench, dlib_faces):
 def _mtcnn_hits(folder, ids):
     import torch
     from facenet_pytorch import MTCNN
-    torch.set_num_threads(1)
-    mtcnn = MTCNN(keep_all=True, min_face_size=60, device='cpu')   # mugshot faces are > 150 px: skip tiny scales
-    hits = []
-    for i in ids:
-        boxes, probs = mtcnn.detect(load_rgb(folder/'images'/f'{i}.jpg')[0])
-        hits.append(boxes is not None and probs.max() > 0.9)
+    n = torch.get_num_threads(); torch.set_num_threads(1)   # restored below: other tests compare with subprocesses bit for bit
+    try:
+        mtcnn = MTCNN(keep_all=True, min_face_size=60, device='cpu')   # mugshot faces are > 150 px: skip tiny scales
+        hits = []
+        for i in ids:
+            boxes, probs = mtcnn.detect(load_rgb(folder/'images'/f'{i}.jpg')[0])
+            hits.append(boxes is not None and probs.max() > 0.9)
+    finally: torch.set_num_threads(n)
     return np.array(hits)
 
 def _dlib_hits(folder, ids):
