@@ -18,8 +18,8 @@ from .labels import subgroup_code
 
 # %% auto #0
 __all__ = ['read_state', 'write_config', 'set_state', 'lock_is_stale', 'acquire_lock', 'release_lock', 'Heartbeat', 'InvertBatch',
-           'EpochLog', 'train_learner', 'dataset_file_name', 'predict_items', 'preds_frame', 'train_and_evaluate',
-           'run_one']
+           'EpochLog', 'train_learner', 'dataset_file_name', 'predict_items', 'preds_frame', 'other_variants',
+           'train_and_evaluate', 'run_one']
 
 # %% ../nbs/36_runner.ipynb #bb9d82e2
 def read_state(runs_root, run_id:str)->dict:
@@ -183,6 +183,12 @@ def _truth(data:StudyData, cfg:RunConfig)->pd.DataFrame|None:
     return pd.DataFrame({'truth': t['race'] if cfg.task == 'race2' else g, 'true_race': t['race'],
                          'true_ethnicity': t['ethnicity'], 'true_group': g}, index=t.index)
 
+def other_variants(data:StudyData, variant:str)->list[str]:
+    "The study's preprocessed variants other than `variant` (those with a manifest), in a fixed order."
+    from mugshotrace.faces import VARIANTS
+    have = {p.parent.name for p in Path(data.preprocessed).glob('*/manifest.csv')}
+    return [v for v in VARIANTS if v in have and v != variant]
+
 def train_and_evaluate(cfg:RunConfig, data:StudyData, paths:RunPaths)->dict:
     "Sample, train, predict, bundle: write every output of the run into `paths` (not the state)."
     import torch
@@ -197,7 +203,7 @@ def train_and_evaluate(cfg:RunConfig, data:StudyData, paths:RunPaths)->dict:
     ok = man.loc[man.status == 'ok', 'image_id'].astype(str) if 'status' in man else man.image_id.astype(str)
     sample = S.make_sample(table, task, cfg.sampling, cfg.n_per_class, seed=cfg.seed, valid_share=cfg.valid_share,
                            test_share=cfg.test_share, holdout_seed=cfg.holdout_seed, test_n=cfg.test_n)
-    sample = S.restrict_sample(sample, ok, cfg.variant)
+    full, sample = sample, S.restrict_sample(sample, ok, cfg.variant)
     write_json(paths.root/'sample.json', sample.to_dict())
     items = D.items_from(man, L.task_labels(table, task), sample.train + sample.valid, sample.valid)
     dls = D.face_dataloaders(items, size, spec.mean, spec.std, bs=cfg.bs, aug=cfg.aug, seed=cfg.seed,
@@ -216,20 +222,27 @@ def train_and_evaluate(cfg:RunConfig, data:StudyData, paths:RunPaths)->dict:
         'preprocessing': {'variant': cfg.variant, 'size': int(data.preprocess.get('size', 299)),
                           'opts': {k: v for k, v in data.preprocess.items() if k not in ('size', 'progress', 'workers', 'shard')}}})
     truth = _truth(data, cfg); datasets = {}
-    sets = [('valid', cfg.label_source, items[items.is_valid], cfg.invert in ('train', 'both'))]
-    for name, ids in sample.tests.items():
-        src = name.split('/', 1)[0]
-        sets.append((name, src, D.items_from(man, L.task_labels(table, task.with_source(src)), ids), cfg.invert in ('test', 'both')))
-    for name, src, its, inv in sets:
+    inv_test = cfg.invert in ('test', 'both')
+    sets = [('valid', cfg.label_source, items[items.is_valid], cfg.invert in ('train', 'both'), cfg.variant)]
+    def test_items(vman, ids, name): return D.items_from(vman, L.task_labels(table, task.with_source(name.split('/', 1)[0])), ids)
+    for name, ids in sample.tests.items(): sets.append((name, name.split('/', 1)[0], test_items(man, ids, name), inv_test, cfg.variant))
+    # the seed's design: every model is also tested on the same held-out people as the study's other variants
+    # preprocessed them (under preds/variants/<variant>/; the audit names these scenarios `<variant>:<test set>`)
+    for v in other_variants(data, cfg.variant):
+        vman = F.load_manifest(data.preprocessed, v)
+        vok = vman.loc[vman.status == 'ok', 'image_id'].astype(str) if 'status' in vman else vman.image_id.astype(str)
+        for name, ids in S.restrict_sample(full, vok, v).tests.items():
+            sets.append((name, name.split('/', 1)[0], test_items(vman, ids, name), inv_test, v))
+    for name, src, its, inv, v in sets:
         df = preds_frame(its, predict_items(learn, its, inv), list(task.classes), table, src, truth)
-        stem = dataset_file_name(name)
-        write_csv(paths.preds(stem), df)
-        write_json(paths.preds_dir/f'{stem}.json', {'run_id': cfg.run_id, 'dataset': name, 'label_source': src, 'variant': cfg.variant,
+        stem, pdir = dataset_file_name(name), paths.preds_dir if v == cfg.variant else paths.preds_dir/'variants'/v
+        write_csv(pdir/f'{stem}.csv', df)
+        write_json(pdir/f'{stem}.json', {'run_id': cfg.run_id, 'dataset': name, 'label_source': src, 'variant': v,
             'group': name.split('/', 1)[1] if '/' in name else None, 'model_sha256': info['weights_sha256'], 'task': cfg.task,
             'inverted': inv, 'n': len(df)})
         m = {'n': len(df), 'accuracy': float((df.Prediction == df.label).mean()) if len(df) else None, 'label_source': src, 'inverted': inv}
         if 'truth' in df: m['accuracy_vs_truth'] = float((df.Prediction == df.truth).mean()) if len(df) else None
-        datasets[name] = m
+        datasets[name if v == cfg.variant else f'{v}:{name}'] = m
     metrics = {'run_id': cfg.run_id, 'datasets': datasets, 'train': {**used, 'epochs': cfg.epochs, 'size': size, **tdata},
                'seconds': round(time.time() - t0, 2), 'dropped': sample.meta.get('dropped', {})}
     write_json(paths.metrics, metrics)

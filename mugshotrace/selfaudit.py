@@ -47,7 +47,7 @@ def run_config(run_dir)->dict:
 def run_scenarios(run_dir, include_valid:bool=False)->list[dict]:
     "The scenarios of one run: `test_set`, `label_source`, `variant`, the preds `file` and the sidecar."
     rp, cfg, out = RunPaths(Path(run_dir)), run_config(run_dir), []
-    for f in sorted(rp.preds_dir.glob('*.csv')):
+    for f in sorted(rp.preds_dir.glob('*.csv')) + sorted(rp.preds_dir.glob('variants/*/*.csv')):   # own variant, then the others
         side = read_json(f.with_suffix('.json')) if f.with_suffix('.json').exists() else {}
         ds = side.get('dataset', f.stem.replace('__', '/'))
         if ds == 'valid' and not include_valid: continue
@@ -114,7 +114,8 @@ def audit_run(run_dir, target:str='label', alpha:float=0.05, interval:str='wilso
     return t[AUDIT_COLUMNS + ['attribute', 'small']]
 
 def _fingerprint(run_dir, opts)->str:
-    files = [RunPaths(Path(run_dir)).config] + sorted(RunPaths(Path(run_dir)).preds_dir.glob('*'))
+    pd_ = RunPaths(Path(run_dir)).preds_dir
+    files = [RunPaths(Path(run_dir)).config] + sorted(pd_.glob('*.*')) + sorted(pd_.glob('variants/*/*'))
     return stable_hash([opts] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files], 16)
 
 def audit_runs(root, # study folder, runs folder or one run

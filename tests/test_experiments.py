@@ -205,3 +205,24 @@ def test_cli_run_on_synth(tmp_path, executor):
     assert t.shape == (3, 4) and t.notna().all().all()
     p = pd.read_csv(next((Path(out)/'runs').glob('*/preds/valid.csv')))
     assert 'truth' in p.columns
+
+def test_models_are_tested_on_every_variant_of_the_study(tmp_path):
+    "The seed's design: each model is also tested, on the same held-out people, as the other variants preprocessed them."
+    from mugshotrace.selfaudit import run_scenarios
+    root = make_toy(tmp_path)
+    study = toy_study(root, 'xv', grid={'arch': ['tiny_cnn'], 'variant': ['original', 'resized'], 'label_source': ['court']}, epochs=1)
+    df = run_grid(study, progress=False)
+    assert (df.state == 'done').all(), df
+    runs_root = Path(load_study(study).runs_root)
+    for rid in df.run_id:
+        cfg = read_json(runs_root/rid/'config.json'); other = {'original': 'resized', 'resized': 'original'}[cfg['variant']]
+        for grp in ('Black', 'White'):
+            own = pd.read_csv(runs_root/rid/'preds'/f'court__{grp}.csv')
+            xv = pd.read_csv(runs_root/rid/'preds'/'variants'/other/f'court__{grp}.csv')
+            side = read_json(runs_root/rid/'preds'/'variants'/other/f'court__{grp}.json')
+            assert side['variant'] == other and side['dataset'] == f'court/{grp}' and side['run_id'] == rid
+            assert set(xv.image_id) == set(own.image_id) and len(xv) > 0     # same held-out people (nothing dropped here)
+        m = read_json(runs_root/rid/'metrics.json')['datasets']
+        assert {f'{other}:court/Black', f'{other}:court/White'} <= set(m)
+        scen = {s['test_set'] for s in run_scenarios(runs_root/rid)}
+        assert scen == {'court/Black', 'court/White', f'{other}:court/Black', f'{other}:court/White'}
