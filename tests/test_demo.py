@@ -1,7 +1,7 @@
 """`mugshotrace demo --quick`, the README's first command, end to end: it finishes, writes the report, the self-audit
 recovers the bias the benchmark injected (court labels of BH people flipped) with an interval that excludes zero and
 finds no such gap against the clean student labels, and a re-run resumes without redoing finished work."""
-import json, subprocess, sys, time
+import json, subprocess, sys
 from pathlib import Path
 import pandas as pd
 import pytest
@@ -9,14 +9,13 @@ import pytest
 @pytest.fixture(scope='module')
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp('demo')/'study'
-    t = time.time()
     r = subprocess.run([sys.executable, '-m', 'mugshotrace.cli', 'demo', '--quick', '--out', str(out), '--no-progress'],
                        capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
-    return out, r, time.time() - t
+    return out, r
 
 def test_demo_writes_every_stage(demo):
-    out, r, _ = demo
+    out, r = demo
     assert f'report: {out/"report.html"}' in r.stdout
     html = (out/'report.html').read_text()
     assert 'Between-group tests' in html and 'data:image/png;base64' in html
@@ -42,7 +41,7 @@ def _bh_gaps(audit, source):
 
 def test_audit_recovers_the_injected_label_bias(demo):
     "Grouped by the benchmark's truth, BH is less accurate against court labels only (the bias we injected)."
-    out, _, _ = demo
+    out, _ = demo
     audit = pd.read_csv(out/'validation'/'audit_truth'/'audit.csv')
     court, student = _bh_gaps(audit, 'court'), _bh_gaps(audit, 'student')
     assert len(court) == 3 and len(student) == 3, (court, student)
@@ -54,18 +53,16 @@ def test_audit_recovers_the_injected_label_bias(demo):
 
 def test_label_grouped_audit_sees_the_bias_where_labels_moved_it(demo):
     "Grouped by court labels (all real data has), mislabelled BH people sit in WH: court WH is the least accurate group."
-    out, _, _ = demo
+    out, _ = demo
     a = pd.read_csv(out/'audit'/'audit.csv')
     acc = a[(a.metric == 'accuracy') & (a.test_set == 'court/pooled')].assign(g=lambda d: d.group.str.split('=').str[-1]).set_index('g')
     assert acc.loc['WH', 'value'] == acc.loc[['BH', 'WH', 'BnH', 'WnH'], 'value'].min(), acc
 
 def test_demo_resumes_without_redoing_work(demo):
-    out, _, first = demo
+    out, _ = demo
     states = {p: p.stat().st_mtime_ns for p in (out/'runs').glob('*/model.safetensors')}
-    t = time.time()
     r = subprocess.run([sys.executable, '-m', 'mugshotrace.cli', 'demo', '--quick', '--out', str(out), '--no-progress'],
                        capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in states} == states, 'finished runs were trained again'
     assert '2 finished or failed, 0 to run' in r.stderr
-    assert time.time() - t < first
