@@ -15,13 +15,14 @@ import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from .core import seed_everything, UserError
+from .core import seed_everything, UserError, torch_device
 
 # %% auto #0
-__all__ = ['ConfoundConfig', 'ConvAutoencoder', 'fit_tensors', 'SmallCNN', 'train_autoencoder', 'train_classifier',
-           'reconstruction_quality', 'Counterfactuals', 'latent_counterfactuals', 'EqualizedOddsThresholds',
-           'fit_equalized_odds', 'expected_decisions', 'oracle_error_table', 'equalized_odds_gap', 'OracleCalibration',
-           'fit_oracle_calibration', 'attribute_flips', 'confounding_table', 'confound_run', 'add_confound_parser']
+__all__ = ['ConfoundConfig', 'ConvAutoencoder', 'module_device', 'fit_tensors', 'SmallCNN', 'train_autoencoder',
+           'train_classifier', 'reconstruction_quality', 'Counterfactuals', 'latent_counterfactuals',
+           'EqualizedOddsThresholds', 'fit_equalized_odds', 'expected_decisions', 'oracle_error_table',
+           'equalized_odds_gap', 'OracleCalibration', 'fit_oracle_calibration', 'attribute_flips', 'confounding_table',
+           'confound_run', 'add_confound_parser']
 
 # %% ../nbs/55_confounding.ipynb #e3472ce9
 @dataclass(frozen=True)
@@ -67,10 +68,21 @@ class ConvAutoencoder(nn.Module):
     def decode(self, z): return torch.sigmoid(self.out(self.up(self.fc(z).view(-1, self.top, 4, 4))))
     def forward(self, x): return self.decode(self.encode(x))
 
+# %% ../nbs/55_confounding.ipynb #953b92eb
+def module_device(m, # a module, a `BlackBox`-like object with a `.model`, or any callable
+                  default='cpu')->torch.device:
+    "The device of a network's parameters (`default` for callables without parameters)."
+    m = getattr(m, 'model', m)
+    if isinstance(m, nn.Module):
+        for p in m.parameters(): return p.device
+    return torch.device(default)
+
 # %% ../nbs/55_confounding.ipynb #a1660cc7
 def fit_tensors(model:nn.Module, x:torch.Tensor, y:torch.Tensor, loss_func, epochs:int, lr:float,
-                bs:int=64, valid_pct:float=0.1, seed:int=0):
-    "Train `model` on (x, y) tensors with a fastai one-cycle schedule; returns the fastai `Learner`."
+                bs:int=64, valid_pct:float=0.1, seed:int=0,
+                device=None # torch device (None: the GPU when there is one); x and y may stay on the CPU
+               ):
+    "Train `model` on (x, y) tensors on `device` with a fastai one-cycle schedule; returns the fastai `Learner`."
     from torch.utils.data import TensorDataset
     from fastai.data.core import DataLoaders
     from fastai.learner import Learner
@@ -78,7 +90,8 @@ def fit_tensors(model:nn.Module, x:torch.Tensor, y:torch.Tensor, loss_func, epoc
     seed_everything(seed)
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     nv = max(1, int(len(x) * valid_pct)); vi, ti = perm[:nv], perm[nv:]
-    dls = DataLoaders.from_dsets(TensorDataset(x[ti], y[ti]), TensorDataset(x[vi], y[vi]), bs=bs, device='cpu',
+    dev = torch_device(device); model.to(dev)
+    dls = DataLoaders.from_dsets(TensorDataset(x[ti], y[ti]), TensorDataset(x[vi], y[vi]), bs=bs, device=dev,
                                  num_workers=0)
     learn = Learner(dls, model, loss_func=loss_func)
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr)
@@ -95,17 +108,20 @@ class SmallCNN(nn.Module):
     def forward(self, x): return self.head(self.body(x))
 
 def train_autoencoder(x:torch.Tensor, # N×3×S×S images in [0, 1]
-                      cfg:ConfoundConfig=ConfoundConfig())->ConvAutoencoder:
-    "Train the xGEMs autoencoder on `x` with fastai (MSE, one-cycle)."
+                      cfg:ConfoundConfig=ConfoundConfig(),
+                      device=None # torch device (None: the GPU when there is one)
+                     )->ConvAutoencoder:
+    "Train the xGEMs autoencoder on `x` with fastai (MSE, one-cycle); it stays on `device`."
     ae = ConvAutoencoder(cfg.size, cfg.latent_dim, cfg.ae_width)
-    fit_tensors(ae, x, x, nn.MSELoss(), cfg.ae_epochs, cfg.ae_lr, cfg.bs, seed=cfg.seed)
+    fit_tensors(ae, x, x, nn.MSELoss(), cfg.ae_epochs, cfg.ae_lr, cfg.bs, seed=cfg.seed, device=device)
     return ae
 
 def train_classifier(x:torch.Tensor, y:torch.Tensor, n_classes:int, cfg:ConfoundConfig=ConfoundConfig(),
-                     width:int=16)->SmallCNN:
-    "Train a `SmallCNN` on images `x` (in [0, 1]) and integer labels `y` with fastai."
+                     width:int=16, device=None # torch device (None: the GPU when there is one)
+                    )->SmallCNN:
+    "Train a `SmallCNN` on images `x` (in [0, 1]) and integer labels `y` with fastai; it stays on `device`."
     m = SmallCNN(n_classes, width)
-    fit_tensors(m, x, y.long(), nn.CrossEntropyLoss(), cfg.clf_epochs, cfg.clf_lr, cfg.bs, seed=cfg.seed)
+    fit_tensors(m, x, y.long(), nn.CrossEntropyLoss(), cfg.clf_epochs, cfg.clf_lr, cfg.bs, seed=cfg.seed, device=device)
     return m
 
 # %% ../nbs/55_confounding.ipynb #f1b6e0c6
@@ -114,8 +130,8 @@ def reconstruction_quality(ae:ConvAutoencoder, x:torch.Tensor, # held-out images
                            mean_image:torch.Tensor|None=None, # the training mean image (baseline)
                            bs:int=256)->dict:
     "Held-out MSE, PSNR (dB) and the mean-image baseline MSE of an autoencoder."
-    ae.eval()
-    mse = torch.cat([((ae(b) - b)**2).flatten(1).mean(1) for b in x.split(bs)])
+    ae.eval(); dev = module_device(ae)
+    mse = torch.cat([((ae(b) - b)**2).flatten(1).mean(1).cpu() for b in (v.to(dev) for v in x.split(bs))])
     out = {'n': len(x), 'mse': float(mse.mean()), 'psnr': float((10 * torch.log10(1 / mse.clamp_min(1e-10))).mean())}
     if mean_image is not None:
         out['baseline_mse'] = float(((x - mean_image)**2).mean()); out['mse_ratio'] = out['mse'] / out['baseline_mse']
@@ -144,29 +160,31 @@ class Counterfactuals:
                              'distance': self.distance})
 
 @torch.no_grad()
-def _predict(classify, x, bs=256): return torch.cat([classify(b).argmax(1) for b in x.split(bs)]).numpy()
+def _predict(classify, x, bs, dev): return torch.cat([classify(b.to(dev)).argmax(1).cpu() for b in x.split(bs)]).numpy()
 
 def latent_counterfactuals(ae:ConvAutoencoder, classify, # differentiable images∈[0,1] → logits
                            x:torch.Tensor, # N×3×S×S originals in [0, 1]
                            lam:float=0.01, step:float=1.0, steps:int=200, optimizer:str='sgd',
                            record_every:int=1, target:np.ndarray|None=None, bs:int=256,
-                           progress:bool=False # show a tqdm bar over the search steps
+                           progress:bool=False, # show a tqdm bar over the search steps
+                           device=None # where to search (None: where the autoencoder is); both networks move there
                           )->Counterfactuals:
     "xGEMs: move each image's code until the black box's decision flips, with proximity penalty λ‖z − z0‖."
     if optimizer not in ('sgd', 'adam'): raise UserError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
-    ae.eval(); m = getattr(classify, 'model', classify)
-    if isinstance(m, nn.Module): m.eval()   # BatchNorm/dropout off: each image's search is its own
+    dev = module_device(ae) if device is None else torch_device(device)
+    ae.to(dev).eval(); m = getattr(classify, 'model', classify)
+    if isinstance(m, nn.Module): m.to(dev).eval()   # BatchNorm/dropout off: each image's search is its own
     with torch.no_grad():
-        z0 = torch.cat([ae.encode(b) for b in x.split(bs)])
+        z0 = torch.cat([ae.encode(b.to(dev)) for b in x.split(bs)])
         logits0 = torch.cat([classify(ae.decode(b)) for b in z0.split(bs)])
-    pred_orig, pred_recon = _predict(classify, x, bs), logits0.argmax(1).numpy()
-    if target is None: target = logits0.scatter(1, logits0.argmax(1, keepdim=True), -torch.inf).argmax(1).numpy()
+    pred_orig, pred_recon = _predict(classify, x, bs, dev), logits0.argmax(1).cpu().numpy()
+    if target is None: target = logits0.scatter(1, logits0.argmax(1, keepdim=True), -torch.inf).argmax(1).cpu().numpy()
     target = np.asarray(target)
     if (target == pred_recon).any(): raise UserError('a target label equals the current decision')
     zs, paths, probs, first = [], [], [], np.full(len(x), -1)
     for i0 in range(0, len(x), bs):
-        zb0 = z0[i0:i0 + bs]; tb = torch.as_tensor(target[i0:i0 + bs]).long()
-        z = zb0.clone().requires_grad_(True); active = torch.ones(len(zb0), dtype=torch.bool)
+        zb0 = z0[i0:i0 + bs]; tb = torch.as_tensor(target[i0:i0 + bs], device=dev).long()
+        z = zb0.clone().requires_grad_(True); active = torch.ones(len(zb0), dtype=torch.bool, device=dev)
         opt = torch.optim.Adam([z], lr=step) if optimizer == 'adam' else None
         pb, rec = [], []
         from tqdm.auto import tqdm
@@ -175,7 +193,7 @@ def latent_counterfactuals(ae:ConvAutoencoder, classify, # differentiable images
             with torch.no_grad():
                 pb.append(logits.softmax(1).gather(1, tb[:, None])[:, 0])
                 hit = active & (logits.argmax(1) == tb)
-                first[i0:i0 + bs][hit.numpy()] = t; active &= ~hit
+                first[i0:i0 + bs][hit.cpu().numpy()] = t; active &= ~hit
             if t % record_every == 0: rec.append(z.detach().clone())
             if t == steps or not active.any(): break
             loss = F.cross_entropy(logits, tb, reduction='none') + lam * ((z - zb0)**2).sum(1).add(1e-12).sqrt()
@@ -186,11 +204,12 @@ def latent_counterfactuals(ae:ConvAutoencoder, classify, # differentiable images
                     z.grad = g * active[:, None]; keep = z.detach()[~active].clone()
                     opt.step(); z[~active] = keep
         pb += [pb[-1]] * (steps + 1 - len(pb)); zs.append(z.detach())
-        rec += [z.detach()] * (steps // record_every + 1 - len(rec)); paths.append(torch.stack(rec)); probs.append(torch.stack(pb))
+        rec += [z.detach()] * (steps // record_every + 1 - len(rec))
+        paths.append(torch.stack(rec).cpu()); probs.append(torch.stack(pb).cpu())
     z = torch.cat(zs)
-    with torch.no_grad(): pred_cf = torch.cat([classify(ae.decode(b)).argmax(1) for b in z.split(bs)]).numpy()
-    return Counterfactuals(z0, z, pred_orig, pred_recon, target, pred_cf, (first >= 0) & (pred_cf == target), first,
-                           (z - z0).norm(dim=1).numpy(), list(range(0, steps + 1, record_every)),
+    with torch.no_grad(): pred_cf = torch.cat([classify(ae.decode(b)).argmax(1).cpu() for b in z.split(bs)]).numpy()
+    return Counterfactuals(z0.cpu(), z.cpu(), pred_orig, pred_recon, target, pred_cf, (first >= 0) & (pred_cf == target), first,
+                           (z - z0).norm(dim=1).cpu().numpy(), list(range(0, steps + 1, record_every)),
                            torch.cat(paths, 1), torch.cat(probs, 1).numpy())
 
 # %% ../nbs/55_confounding.ipynb #1b9a97bb
@@ -344,7 +363,7 @@ def _confound_main(args)->int:
                          latent_dim=args.latent_dim, ae_width=args.ae_width,
                          ae_epochs=args.ae_epochs or d.ae_epochs, clf_epochs=args.clf_epochs or d.clf_epochs)
     s = confound_run(args.run_dir, args.out, cfg=cfg, attribute=args.attribute, items=args.items, faces=args.faces,
-                     study=args.study, figures=args.figures, force=args.force, progress=True)
+                     study=args.study, figures=args.figures, force=args.force, progress=True, device=args.device)
     p = s['probe']
     print(f"confounding ({s['attribute']}): {p['confounding']:.4f} over {p['n_used']} verified counterfactuals "
           f"({p['n_crossed']}/{p['n_images']} crossed); oracle equalized-odds gap {s['oracle']['eo_gap_heldout']:.3f}; "
@@ -374,6 +393,7 @@ def add_confound_parser(subparsers):
     p.add_argument('--n-boot', type=int, default=d.n_boot, help='bootstrap replicates (default %(default)s)')
     p.add_argument('--bs', type=int, default=d.bs, help='batch size (default %(default)s)')
     p.add_argument('--seed', type=int, default=d.seed)
+    p.add_argument('--device', help='torch device: cpu, cuda, cuda:N (default: the GPU when there is one)')
     p.add_argument('--attribute', help="protected attribute column of the predictions (default: 'ethnicity' for race2 runs)")
     g = p.add_argument_group('where the images are (one of)')
     g.add_argument('--faces', help='preprocessing output root (manifest of the run\'s variant)')

@@ -17,10 +17,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from .core import (seed_everything, UserError, write_csv, write_json, write_bytes, read_json, stable_hash, save_figure,
-                              load_rgb, ImageError, environment_info)
+                              load_rgb, ImageError, environment_info, torch_device)
 from .confounding import (ConfoundConfig, ConvAutoencoder, SmallCNN, train_autoencoder, train_classifier,
                                      reconstruction_quality, latent_counterfactuals, fit_oracle_calibration,
-                                     oracle_error_table, equalized_odds_gap, attribute_flips, confounding_table)
+                                     oracle_error_table, equalized_odds_gap, attribute_flips, confounding_table,
+                                     module_device)
 
 # %% auto #0
 __all__ = ['procedural_shapes', 'confounded_subsample', 'BlackBox', 'predict_probs', 'Oracle', 'fit_oracle', 'ProbeResult',
@@ -66,8 +67,11 @@ class BlackBox:
         if self.prep is not None: return self.model(self.prep(img))
         if self.input_size and img.shape[-1] != self.input_size:
             img = F.interpolate(img, size=(self.input_size, self.input_size), mode='bilinear', align_corners=False)
-        m, s = torch.tensor(self.mean).view(1, -1, 1, 1), torch.tensor(self.std).view(1, -1, 1, 1)
-        return self.model((img - m) / s)
+        m = torch.tensor(self.mean, device=img.device).view(1, -1, 1, 1)
+        return self.model((img - m) / torch.tensor(self.std, device=img.device).view(1, -1, 1, 1))
+    def to(self, device)->'BlackBox':
+        "Move the wrapped model to `device` (None: the GPU when there is one); returns the black box."
+        self.model.to(torch_device(device)); return self
     @classmethod
     def from_arch(cls, model:nn.Module, arch:str, classes)->'BlackBox':
         "A black box from a model of a registered architecture (`mugshotrace.models`), with its input convention."
@@ -86,7 +90,8 @@ class BlackBox:
 def predict_probs(f, x:torch.Tensor, bs:int=256)->np.ndarray:
     "Softmax probabilities of a classifier (`BlackBox` or module) on images in [0, 1]."
     if isinstance(f, nn.Module): f.eval()
-    return torch.cat([f(b).softmax(1) for b in x.split(bs)]).numpy()
+    dev = module_device(f)   # the classifier's device: batches go there, probabilities come back to the CPU
+    return torch.cat([f(b.to(dev)).softmax(1).cpu() for b in x.split(bs)]).numpy()
 
 # %% ../nbs/56_confounding_probe.ipynb #e187c417
 @dataclass
@@ -99,13 +104,15 @@ class Oracle:
 
 def fit_oracle(x:torch.Tensor, attr, target, # images in [0,1], attribute index, target label per image
                classes:tuple, cfg:ConfoundConfig=ConfoundConfig(), splits=(0.5, 0.25),
-               model:nn.Module|None=None # an already trained oracle (its training split is then unused)
+               model:nn.Module|None=None, # an already trained oracle (its training split is then unused)
+               device=None # torch device (None: the GPU when there is one)
               )->Oracle:
     "Train, recalibrate (equalized odds w.r.t. `target`) and evaluate an attribute oracle on three splits."
     attr, target = np.asarray(attr), np.asarray(target)
     perm = np.random.default_rng(cfg.seed + 1).permutation(len(x)); a, b = int(splits[0] * len(x)), int(sum(splits) * len(x))
     tr, ca, ho = perm[:a], perm[a:b], perm[b:]
-    if model is None: model = train_classifier(x[tr], torch.as_tensor(attr[tr]), len(classes), cfg)
+    if model is None: model = train_classifier(x[tr], torch.as_tensor(attr[tr]), len(classes), cfg, device=device)
+    else: model.to(torch_device(device))
     pc, ph = predict_probs(model, x[ca]), predict_probs(model, x[ho])
     cal = fit_oracle_calibration(pc, attr[ca], target[ca], tuple(classes))
     cs = [1] if len(classes) == 2 else list(range(len(classes)))
@@ -131,13 +138,16 @@ class ProbeResult:
 
 def probe(ae:ConvAutoencoder, bb:BlackBox, oracle:Oracle, x:torch.Tensor, # images in [0, 1] at the autoencoder size
           true_label=None, group=None, # true target label index and group of each image (optional)
-          cfg:ConfoundConfig=ConfoundConfig(), progress:bool=False)->ProbeResult:
+          cfg:ConfoundConfig=ConfoundConfig(), progress:bool=False,
+          device=None # where to search (None: where the autoencoder is); every network moves there
+         )->ProbeResult:
     "xGEMs confounding probe of black box `bb`: search, re-check, oracle, metric with intervals."
     seed_everything(cfg.seed)
     cf = latent_counterfactuals(ae, bb, x, cfg.lam, cfg.step, cfg.steps, cfg.optimizer, cfg.record_every, bs=cfg.bs * 4,
-                                progress=progress)
+                                progress=progress, device=device)
+    dev = module_device(ae); oracle.model.to(dev)
     with torch.no_grad():
-        rec = torch.cat([ae.decode(b) for b in cf.z0.split(256)]); xcf = torch.cat([ae.decode(b) for b in cf.z.split(256)])
+        rec, xcf = (torch.cat([ae.decode(b.to(dev)).cpu() for b in z.split(256)]) for z in (cf.z0, cf.z))
     po, pr, pc = (predict_probs(oracle.model, v) for v in (x, rec, xcf))
     u = np.random.default_rng(cfg.seed + 3).random(len(x)); cal = oracle.calibration
     flip, ao, ac = attribute_flips(cal, po, cf.pred_recon, pc, cf.pred_cf, u)
@@ -186,7 +196,9 @@ def confounding_experiment(x:torch.Tensor, # pool of images in [0, 1] at cfg.siz
                            pairs:dict, # confounded pairing for black box A: target index → protected index
                            cfg:ConfoundConfig=ConfoundConfig(),
                            n_black_box:int|None=None, # training images per black box (default: all that fit)
-                           oracle_frac:float=0.4)->ExperimentResult:
+                           oracle_frac:float=0.4,
+                           device=None # torch device (None: the GPU when there is one)
+                          )->ExperimentResult:
     "The seed's experiment: probe a black box trained on confounded data and one trained on unconfounded data."
     target, protected = np.asarray(target), np.asarray(protected)
     perm = np.random.default_rng(cfg.seed).permutation(len(x))
@@ -194,16 +206,17 @@ def confounding_experiment(x:torch.Tensor, # pool of images in [0, 1] at cfg.siz
     orc_i, bb_i = rest[:int(oracle_frac * len(rest))], rest[int(oracle_frac * len(rest)):]
     ia = bb_i[confounded_subsample(target[bb_i], protected[bb_i], pairs, n_black_box, cfg.seed)]
     ib = np.sort(np.random.default_rng(cfg.seed + 5).choice(bb_i, len(ia), replace=False))
-    ae = train_autoencoder(x[rest], cfg)
+    dev = torch_device(device)
+    ae = train_autoencoder(x[rest], cfg, dev)
     ae_q = reconstruction_quality(ae, x[pr], x[rest].mean(0))
-    oracle = fit_oracle(x[orc_i], protected[orc_i], target[orc_i], protected_classes, cfg)
-    bbs = {name: BlackBox(train_classifier(x[i], torch.as_tensor(target[i]), len(target_classes), cfg), tuple(target_classes))
-           for name, i in (('confounded', ia), ('unconfounded', ib))}
+    oracle = fit_oracle(x[orc_i], protected[orc_i], target[orc_i], protected_classes, cfg, device=dev)
+    bbs = {name: BlackBox(train_classifier(x[i], torch.as_tensor(target[i]), len(target_classes), cfg, device=dev),
+                          tuple(target_classes)) for name, i in (('confounded', ia), ('unconfounded', ib))}
     group = np.asarray(protected_classes)[protected[pr]]
-    probes = {n: probe(ae, bb, oracle, x[pr], target[pr], group, cfg) for n, bb in bbs.items()}
+    probes = {n: probe(ae, bb, oracle, x[pr], target[pr], group, cfg, device=dev) for n, bb in bbs.items()}
     table = pd.concat([p.table.assign(black_box=n) for n, p in probes.items()], ignore_index=True)
     ov = lambda n: table[(table.black_box == n) & (table.metric == 'confounding') & (table.target_label == 'all')].iloc[0]
-    summary = {'reconstruction': ae_q, 'oracle': oracle.summary, 'n_probe': len(pr), 'n_black_box_train': len(ia),
+    summary = {'reconstruction': ae_q, 'oracle': oracle.summary, 'n_probe': len(pr), 'n_black_box_train': len(ia), 'device': str(dev),
                'black_boxes': {n: p.summary for n, p in probes.items()},
                'clearly_higher': bool(ov('confounded').ci_low > ov('unconfounded').ci_high)}
     return ExperimentResult(table, oracle.table, summary, probes, ae, oracle, bbs, x[pr])
@@ -218,13 +231,14 @@ def plot_counterfactual_paths(ae:ConvAutoencoder, res:ProbeResult, bb:BlackBox, 
     if idx is None:
         idx = list(df.index[df.used & df.flip][:2]) + list(df.index[df.used & ~df.flip][:2])
     fig, axs = plt.subplots(len(idx), n_cols + 2, figsize=(1.3 * (n_cols + 2), 2.0 * len(idx)), squeeze=False)
-    steps = np.array(cf.path_steps); acls = oracle.calibration.classes
+    steps = np.array(cf.path_steps); acls = oracle.calibration.classes; dev = module_device(ae)
     for r, i in enumerate(idx):
         fc = max(int(cf.first_cross[i]), 1); last = max(1, int(np.searchsorted(steps, fc - 1, side='right')))
         ks = np.unique(np.linspace(0, last - 1, n_cols - 1).round().astype(int))
         with torch.no_grad():
-            imgs = [x[i], ae.decode(cf.z0[i:i + 1])[0]] + [ae.decode(cf.path_z[k, i:i + 1])[0] for k in ks] + [ae.decode(cf.z[i:i + 1])[0]]
-            pt = bb(torch.stack(imgs)).softmax(1)[:, list(bb.classes).index(df.target[i])].numpy()
+            dec = lambda z: ae.decode(z.to(dev))[0].cpu()
+            imgs = [x[i].cpu(), dec(cf.z0[i:i + 1])] + [dec(cf.path_z[k, i:i + 1]) for k in ks] + [dec(cf.z[i:i + 1])]
+            pt = bb(torch.stack(imgs).to(module_device(bb))).softmax(1)[:, list(bb.classes).index(df.target[i])].cpu().numpy()
             pa = predict_probs(oracle.model, torch.stack(imgs))
         labs = ['original', 'recon'] + [f'step {steps[k]}' for k in ks] + [f'xGEM ({cf.first_cross[i]})']
         for c in range(n_cols + 2):
@@ -279,7 +293,8 @@ def confound_run(run_dir, # a finished run folder (model bundle + preds/)
                  items=None, faces=None, study=None, # where the image files are (one of them)
                  figures:bool=False, # draw counterfactual paths (real faces: only if you mean it)
                  force:bool=False, # redo a finished probe
-                 progress:bool=False # progress bar over the search
+                 progress:bool=False, # progress bar over the search
+                 device=None # torch device: cpu, cuda, cuda:N (None: the GPU when there is one)
                 )->dict:
     "xGEMs confounding probe of a run folder's model; writes CSV/JSON (and figures) and returns the summary."
     run_dir = Path(run_dir)
@@ -290,7 +305,8 @@ def confound_run(run_dir, # a finished run folder (model bundle + preds/)
     if attribute is None:
         if task != 'race2': raise UserError(f'task {task!r}: choose the protected attribute with --attribute')
         attribute = 'ethnicity'
-    bb = BlackBox.from_bundle(run_dir); run_id = cfg_run.get('run_id', run_dir.name)
+    dev = torch_device(device)   # checked before any work
+    bb = BlackBox.from_bundle(run_dir).to(dev); run_id = cfg_run.get('run_id', run_dir.name)
     pool = _run_pool(run_dir, cfg_run, items, faces, study)
     if attribute not in pool: raise UserError(f'the predictions have no {attribute!r} column')
     pool = pool[pool[attribute].notna() & pool.label.isin(bb.classes)].sort_values('image_id').reset_index(drop=True)
@@ -306,8 +322,8 @@ def confound_run(run_dir, # a finished run folder (model bundle + preds/)
     n_probe = min(cfg.n_images, len(pool) // 3)   # two thirds at least train the autoencoder and the oracle
     if len(pool) - n_probe < 40: raise UserError(f'only {len(pool)} readable images: too few to train the autoencoder and the oracle')
     perm = np.random.default_rng(cfg.seed).permutation(len(pool)); pr, rest = np.sort(perm[:n_probe]), perm[n_probe:]
-    ae, oracle = _cached_models(out, key, x[rest], attr[rest], tl[rest], aclasses, cfg)
-    res = probe(ae, bb, oracle, x[pr], tl[pr], np.asarray(aclasses)[attr[pr]], cfg, progress)
+    ae, oracle = _cached_models(out, key, x[rest], attr[rest], tl[rest], aclasses, cfg, dev)
+    res = probe(ae, bb, oracle, x[pr], tl[pr], np.asarray(aclasses)[attr[pr]], cfg, progress, dev)
     tab = res.table.assign(run_id=run_id, attribute=attribute)
     tab = tab[['run_id', 'attribute', 'target_label', 'group', 'metric', 'value', 'ci_low', 'ci_high', 'n']]
     write_csv(out/'confounding.csv', tab)
@@ -316,22 +332,24 @@ def confound_run(run_dir, # a finished run folder (model bundle + preds/)
     if figures: save_figure(plot_counterfactual_paths(ae, res, bb, oracle, x[pr], title=f'{run_id}: xGEM paths'), out/'paths.png', close=True)
     summary = {'key': key, 'run_id': run_id, 'attribute': attribute, 'config': asdict(cfg), 'n_pool': len(pool), 'n_probe': int(n_probe),
                'reconstruction': reconstruction_quality(ae, x[pr], x[rest].mean(0)), 'oracle': oracle.summary,
-               'probe': res.summary, 'calibration': oracle.calibration.to_dict(), 'environment': environment_info()}
+               'probe': res.summary, 'calibration': oracle.calibration.to_dict(), 'device': str(dev),
+               'environment': environment_info()}
     write_json(out/'summary.json', summary)
     return summary
 
-def _cached_models(out:Path, key:str, x, attr, tl, aclasses, cfg):
+def _cached_models(out:Path, key:str, x, attr, tl, aclasses, cfg, dev):
     "Train (or reload, when `key` matches a previous attempt) the autoencoder and the oracle of a run probe."
     from safetensors.torch import save as st_save, load_file
     files = [out/'autoencoder.safetensors', out/'oracle.safetensors']
     ae, om = ConvAutoencoder(cfg.size, cfg.latent_dim, cfg.ae_width), SmallCNN(len(aclasses))
     cached = (out/'models.json').exists() and read_json(out/'models.json').get('key') == key and all(f.exists() for f in files)
     if cached:
-        for m, f in zip((ae, om), files): m.load_state_dict(load_file(str(f))); m.eval()
-    else: ae, om = train_autoencoder(x, cfg), None
-    oracle = fit_oracle(x, attr, tl, aclasses, cfg, model=om)
+        for m, f in zip((ae, om), files): m.load_state_dict(load_file(str(f))); m.to(dev).eval()
+    else: ae, om = train_autoencoder(x, cfg, dev), None
+    oracle = fit_oracle(x, attr, tl, aclasses, cfg, model=om, device=dev)
     if not cached:
-        for m, f in zip((ae, oracle.model), files): write_bytes(f, st_save({k: v.contiguous() for k, v in m.state_dict().items()}))
+        for m, f in zip((ae, oracle.model), files):
+            write_bytes(f, st_save({k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}))
         write_json(out/'models.json', {'key': key})
     return ae, oracle
 
@@ -339,7 +357,9 @@ def _cached_models(out:Path, key:str, x, attr, tl, aclasses, cfg):
 def synth_experiment(bench, # a folder written by `synth.make_benchmark`
                      cfg:ConfoundConfig=ConfoundConfig(size=64), target:str='ethnicity', protected:str='race',
                      pairs:dict={'Hispanic': 'Black', 'NonHispanic': 'White'}, # A's confound: target value → protected value
-                     crop:float=0.75, centre_y:float=0.5, n_black_box:int|None=None)->ExperimentResult:
+                     crop:float=0.75, centre_y:float=0.5, n_black_box:int|None=None,
+                     device=None # torch device (None: the GPU when there is one)
+                    )->ExperimentResult:
     "The seed's confounded-vs-unconfounded experiment on the synthetic benchmark (ground-truth attributes)."
     from mugshotrace.synth import load_truth
     bench = Path(bench); truth = load_truth(bench).astype({'image_id': str})
@@ -349,4 +369,5 @@ def synth_experiment(bench, # a folder written by `synth.make_benchmark`
     tc, pc = tuple(sorted(df[target].astype(str).unique())), tuple(sorted(df[protected].astype(str).unique()))
     t = df[target].astype(str).map({c: i for i, c in enumerate(tc)}).to_numpy()
     p = df[protected].astype(str).map({c: i for i, c in enumerate(pc)}).to_numpy()
-    return confounding_experiment(x, t, p, tc, pc, {tc.index(a): pc.index(b) for a, b in pairs.items()}, cfg, n_black_box)
+    return confounding_experiment(x, t, p, tc, pc, {tc.index(a): pc.index(b) for a, b in pairs.items()}, cfg, n_black_box,
+                                  device=device)

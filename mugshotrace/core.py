@@ -14,10 +14,10 @@ import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # %% auto #0
-__all__ = ['IMAGE_STATUSES', 'UserError', 'seed_everything', 'seed_worker', 'atomic_write', 'write_text', 'write_bytes',
-           'write_json', 'read_json', 'write_csv', 'save_figure', 'sha256_bytes', 'sha256_file', 'stable_hash',
-           'ImageError', 'ImageInfo', 'load_rgb', 'RunPaths', 'run_paths', 'package_data', 'sample_face_photos',
-           'dlib_model_path', 'environment_info']
+__all__ = ['IMAGE_STATUSES', 'UserError', 'seed_everything', 'seed_worker', 'torch_device', 'atomic_write', 'write_text',
+           'write_bytes', 'write_json', 'read_json', 'write_csv', 'save_figure', 'sha256_bytes', 'sha256_file',
+           'stable_hash', 'ImageError', 'ImageInfo', 'load_rgb', 'RunPaths', 'run_paths', 'package_data',
+           'sample_face_photos', 'dlib_model_path', 'environment_info']
 
 # %% ../nbs/00_core.ipynb #39628bb3
 class UserError(Exception):
@@ -40,6 +40,19 @@ def seed_worker(worker_id:int # the DataLoader worker index
     import torch
     s = torch.initial_seed() % 2**32
     np.random.seed(s); random.seed(s)
+
+# %% ../nbs/00_core.ipynb #1b22f1d0
+def torch_device(device=None # 'cpu', 'cuda', 'cuda:N', a `torch.device`, or None/'auto' for the GPU when there is one
+                ):
+    "The `torch.device` to compute on: the one asked for (checked to exist), else a GPU when torch sees one, else the CPU."
+    import torch
+    if device is None or device == 'auto': return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try: d = torch.device(device)
+    except (RuntimeError, TypeError) as e: raise UserError(f'unknown torch device {device!r}: use cpu, cuda or cuda:N') from e
+    if d.type == 'cuda' and (not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f'device {device!r} asked for, but torch sees {torch.cuda.device_count()} GPU(s): '
+                        'use the CPU (--device cpu) or install a CUDA build of torch')
+    return d
 
 # %% ../nbs/00_core.ipynb #b8026fe5
 _UMASK = os.umask(0); os.umask(_UMASK)

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mugshotrace.core import UserError, read_json
+from mugshotrace.core import UserError, read_json, torch_device
 from mugshotrace.confounding import (ConfoundConfig, fit_equalized_odds, equalized_odds_gap, oracle_error_table,
                                      confounding_table, train_classifier, fit_tensors)
 from mugshotrace.confounding_probe import (procedural_shapes, confounding_experiment, confound_run, BlackBox,
@@ -155,6 +155,54 @@ def test_confound_run_folder_resumes(tmp_path):
     assert main(['confound', str(run), '--items', str(items), '--n-images', '60', '--steps', '60', '--n-boot', '200',
                  '--ae-epochs', '4', '--ae-width', '16', '--clf-epochs', '6', '--bs', '32']) == 0
     assert main(['confound', str(tmp_path/'nope')]) == 2
+    assert s['device'] == str(torch_device())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the message on a machine without a GPU')
+def test_asking_for_a_missing_gpu_is_a_user_error(tmp_path, capsys):
+    run, items = _make_run(tmp_path, n=480)
+    with pytest.raises(UserError, match='GPU'):
+        confound_run(run, cfg=ConfoundConfig(n_images=20), items=items, device='cuda')
+    assert not (run/'confound').exists()   # checked before any work
+    from mugshotrace.cli import main
+    assert main(['confound', str(run), '--items', str(items), '--device', 'cuda']) == 2
+    assert 'GPU' in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_experiment_on_gpu_matches_cpu(shapes_result):
+    """The whole experiment on the GPU: the networks train and search there, everything returned is on the CPU, every
+    counterfactual is re-verified, and the verdict and the overall metrics agree with the CPU run."""
+    x, t, p = procedural_shapes(1600, seed=0)
+    res = confounding_experiment(x, t, p, ('wide', 'tall'), ('dark', 'light'), {0: 0, 1: 1}, FAST, device='cuda')
+    assert res.summary['device'].startswith('cuda') and res.summary['clearly_higher']
+    for m in (res.ae, res.oracle.model, *(bb.model for bb in res.black_boxes.values())):
+        assert next(m.parameters()).is_cuda
+    for name, pr in res.probes.items():
+        cf = pr.counterfactuals
+        assert not any(v.is_cuda for v in (cf.z0, cf.z, cf.path_z)) and pr.summary['all_used_cross_verified']
+        with torch.no_grad():
+            pred = res.black_boxes[name](res.ae.decode(cf.z.cuda())).argmax(1).cpu().numpy()
+        used = pr.images.used.to_numpy()
+        assert (np.array(res.black_boxes[name].classes)[pred[used]] == pr.images.target[used]).all()
+        a, b = _overall(res, name), _overall(shapes_result, name)
+        assert abs(a.value - b.value) < 0.15, (name, a.value, b.value)
+    plot_counterfactual_paths(res.ae, res.probes['confounded'], res.black_boxes['confounded'], res.oracle, res.x_probe)
+
+
+@pytest.mark.cuda
+def test_confound_run_on_gpu(tmp_path):
+    """`confound_run` on a GPU: the bundle moves there, the saved networks are CPU safetensors, and a re-run on the CPU
+    reuses them (the cache key does not depend on the device)."""
+    from safetensors.torch import load_file
+    run, items = _make_run(tmp_path)
+    cfg = ConfoundConfig(ae_epochs=4, ae_width=16, clf_epochs=6, bs=32, n_images=60, n_boot=200, steps=60)
+    s = confound_run(run, cfg=cfg, items=items, figures=True, device='cuda')
+    assert s['device'].startswith('cuda') and s['probe']['all_used_cross_verified'] and s['probe']['n_used'] > 0
+    assert all(v.device.type == 'cpu' for v in load_file(str(run/'confound'/'autoencoder.safetensors')).values())
+    (run/'confound'/'summary.json').unlink()
+    c = confound_run(run, cfg=cfg, items=items, device='cpu')
+    assert c['key'] == s['key'] and c['device'] == 'cpu' and c['reconstruction']['mse'] == pytest.approx(s['reconstruction']['mse'], rel=1e-3)
 
 
 @pytest.mark.slow
