@@ -14,10 +14,11 @@ import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # %% auto #0
-__all__ = ['IMAGE_STATUSES', 'UserError', 'seed_everything', 'seed_worker', 'torch_device', 'atomic_write', 'write_text',
-           'write_bytes', 'write_json', 'read_json', 'write_csv', 'save_figure', 'sha256_bytes', 'sha256_file',
-           'stable_hash', 'ImageError', 'ImageInfo', 'load_rgb', 'RunPaths', 'run_paths', 'package_data',
-           'sample_face_photos', 'dlib_model_path', 'environment_info']
+__all__ = ['IMAGE_STATUSES', 'POOL_PRELOAD', 'UserError', 'seed_everything', 'seed_worker', 'torch_device', 'atomic_write',
+           'write_text', 'write_bytes', 'write_json', 'read_json', 'write_csv', 'save_figure', 'sha256_bytes',
+           'sha256_file', 'stable_hash', 'ImageError', 'ImageInfo', 'load_rgb', 'RunPaths', 'run_paths', 'package_data',
+           'sample_face_photos', 'dlib_model_path', 'environment_info', 'process_pool_context',
+           'start_process_pool_server']
 
 # %% ../nbs/00_core.ipynb #39628bb3
 class UserError(Exception):
@@ -239,12 +240,32 @@ def dlib_model_path(name:str='shape_predictor_68_face_landmarks.dat')->Path:
     if not p.exists(): raise FileNotFoundError(f'{p} not found: reinstall face-recognition-models')
     return p
 
-def environment_info()->dict:
-    "Versions of the packages that determine results, and the device."
-    import platform, torch, importlib.metadata as md
+def environment_info(devices:bool=True # also ask torch about GPUs (imports torch: seconds, the first time)
+                    )->dict:
+    "Versions of the packages that determine results, and (with `devices`) the compute device."
+    import platform, importlib.metadata as md
     vers = {}
     for n in ('mugshotrace', 'torch', 'torchvision', 'fastai', 'timm', 'numpy', 'pandas', 'captum', 'facenet-pytorch', 'dlib-bin', 'opencv-python-headless'):
         try: vers[n] = md.version(n)
         except md.PackageNotFoundError: vers[n] = None
-    return {'python': platform.python_version(), 'platform': platform.platform(), 'packages': vers,
-            'cuda': torch.cuda.is_available(), 'device': torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'}
+    out = {'python': platform.python_version(), 'platform': platform.platform(), 'packages': vers}
+    if devices:
+        import torch
+        out.update(cuda=torch.cuda.is_available(), device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')
+    return out
+
+# %% ../nbs/00_core.ipynb #f80d75b7
+POOL_PRELOAD = ('mugshotrace.synth', 'mugshotrace.faces', 'mugshotrace.faces_align', 'mugshotrace.pool_preload')
+
+def process_pool_context():
+    "The multiprocessing context of the package's process pools: a fork server preloading `POOL_PRELOAD` (else spawn)."
+    import multiprocessing as mp
+    if 'forkserver' not in mp.get_all_start_methods(): return mp.get_context('spawn')
+    ctx = mp.get_context('forkserver'); ctx.set_forkserver_preload(list(POOL_PRELOAD))
+    return ctx
+
+def start_process_pool_server():
+    "Start the fork server now (it preloads in the background); a no-op when it runs already or with spawn."
+    if process_pool_context().get_start_method() == 'forkserver':
+        from multiprocessing import forkserver
+        forkserver.ensure_running()

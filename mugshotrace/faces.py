@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 from .core import (IMAGE_STATUSES, ImageError, UserError, load_rgb, sha256_file, write_bytes, write_csv,
-                              write_json, read_json, environment_info)
+                              write_json, read_json, environment_info, process_pool_context, start_process_pool_server)
 
 # %% auto #0
 __all__ = ['VARIANTS', 'RESIZE_METHODS', 'FACE_STATUSES', 'MANIFEST_COLUMNS', 'LANDMARK_COLUMNS', 'PREPROCESS_HELP',
@@ -194,30 +194,20 @@ def _check_config(vdir:Path, opts:FaceOptions):
         if have != want:
             diff = sorted(k for k in want if have.get(k) != want[k])
             raise UserError(f'{vdir} was made with other options ({", ".join(diff)}): use another --out or the same options')
-    else: write_json(cfg, {'options': want, 'environment': environment_info()})
+    else: write_json(cfg, {'options': want, 'environment': environment_info(devices=opts.variant == 'mtcnn')})  # CPU variants: no torch import
 
 def _run_mtcnn(tasks, opts, batch_size, device, workers, emit):
-    from mugshotrace.faces_mtcnn import mtcnn_faces
+    from mugshotrace.faces_mtcnn import mtcnn_faces, default_device, split_torch_threads
     kw = dict(device=device, min_face_size=opts.min_face_size, thresholds=opts.thresholds, factor=opts.factor)
-    buckets, held = {}, 0
+    n_det = max(1, workers) if (device or default_device()) == 'cpu' else 1   # CPU: batches detected concurrently
+    buckets, held, pending = {}, 0, []
     def flush(shape):
         nonlocal held
         items = buckets.pop(shape); held -= len(items)
-        try: results = mtcnn_faces([im for _, im in items], opts.size, opts.margin, **kw)
-        except Exception:                                  # e.g. out of GPU memory: retry one image at a time
-            results = []
-            for _, im in items:
-                try: results += mtcnn_faces([im], opts.size, opts.margin, **kw)
-                except Exception as e: results.append(e)
-        for (task, _), res in zip(items, results):
-            rec = task['_rec']
-            try:
-                if isinstance(res, ImageError): rec.update(status=res.status, reason=res.reason); res = None
-                elif isinstance(res, Exception): rec.update(status='error', reason=f'{type(res).__name__}: {res}'.splitlines()[0][:300]); res = None
-                emit(_finish(rec, Path(task['dst']), res, opts))
-            except Exception as e:
-                rec.update(status='error', reason=f'{type(e).__name__}: {e}'.splitlines()[0][:300]); emit(_finish(rec, Path(task['dst'])))
-    with ThreadPoolExecutor(max(1, workers)) as ex:
+        pending.append(det.submit(_detect_batch, items, opts, kw))
+        while len(pending) > n_det or (pending and pending[0].done()):   # at most n_det batches in flight
+            for rec in pending.pop(0).result(): emit(rec)
+    with split_torch_threads(n_det), ThreadPoolExecutor(max(1, workers)) as ex, ThreadPoolExecutor(n_det) as det:
         for i in range(0, len(tasks), 4 * batch_size):
             for task, (rec, img) in zip(tasks[i:i + 4 * batch_size], ex.map(_prepare, tasks[i:i + 4 * batch_size])):
                 if img is None: emit(rec); continue
@@ -225,6 +215,28 @@ def _run_mtcnn(tasks, opts, batch_size, device, workers, emit):
                 if len(buckets[img.shape]) >= batch_size: flush(img.shape)
                 elif held > 4 * batch_size: flush(max(buckets, key=lambda k: len(buckets[k])))
         for shape in list(buckets): flush(shape)
+        for f in pending:
+            for rec in f.result(): emit(rec)
+
+def _detect_batch(items, opts, kw)->list:
+    "Detect, crop and write one equal-size batch (in a detection thread); the finished records."
+    from mugshotrace.faces_mtcnn import mtcnn_faces
+    try: results = mtcnn_faces([im for _, im in items], opts.size, opts.margin, **kw)
+    except Exception:                                      # e.g. out of GPU memory: retry one image at a time
+        results = []
+        for _, im in items:
+            try: results += mtcnn_faces([im], opts.size, opts.margin, **kw)
+            except Exception as e: results.append(e)
+    out = []
+    for (task, _), res in zip(items, results):
+        rec = task['_rec']
+        try:
+            if isinstance(res, ImageError): rec.update(status=res.status, reason=res.reason); res = None
+            elif isinstance(res, Exception): rec.update(status='error', reason=f'{type(res).__name__}: {res}'.splitlines()[0][:300]); res = None
+            out.append(_finish(rec, Path(task['dst']), res, opts))
+        except Exception as e:
+            rec.update(status='error', reason=f'{type(e).__name__}: {e}'.splitlines()[0][:300]); out.append(_finish(rec, Path(task['dst'])))
+    return out
 
 def preprocess(table, # DataFrame or CSV with `image_id`, `path` (+ any group columns)
                images_root, # folder that `path` is relative to
@@ -247,6 +259,7 @@ def preprocess(table, # DataFrame or CSV with `image_id`, `path` (+ any group co
     if workers < 1 or batch_size < 1: raise UserError('--workers and --batch-size must be at least 1')
     root = Path(images_root)
     if not root.is_dir(): raise UserError(f'images folder not found: {root}')
+    if workers > 1 and variant != 'mtcnn': start_process_pool_server()   # preloads while we read tables and journals
     tab = read_table(table)
     vdir = Path(out)/variant; (vdir/'images').mkdir(parents=True, exist_ok=True)
     _check_config(vdir, opts)
@@ -274,11 +287,8 @@ def preprocess(table, # DataFrame or CSV with `image_id`, `path` (+ any group co
         elif workers == 1 or len(tasks) < 2:
             for t in tasks: emit(process_row(t))
         else:
-            import multiprocessing as mp
-            ctx = mp.get_context('forkserver' if 'forkserver' in mp.get_all_start_methods() else 'spawn')
-            if ctx.get_start_method() == 'forkserver': ctx.set_forkserver_preload(['mugshotrace.faces', 'mugshotrace.faces_align'])
-            with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker) as pool:
-                for rec in pool.imap_unordered(process_row, tasks, chunksize=max(1, min(8, len(tasks) // (4 * workers)))): emit(rec)
+            with process_pool_context().Pool(min(workers, len(tasks)), initializer=_init_worker) as pool:
+                for rec in pool.imap_unordered(process_row, tasks, chunksize=1): emit(rec)   # ≥10 ms per image: no idle tail
         journal.flush(); os.fsync(journal.fileno())
     man, lms = _manifest_frames([recs[i] for i in mine['image_id']])
     if shard[1] == 1:

@@ -7,6 +7,7 @@ Docs: https://mugshotrace.github.io/mugshotrace/faces_mtcnn.html.md"""
 
 # %% ../nbs/12_faces_mtcnn.ipynb #66ff8fe3
 from __future__ import annotations
+from contextlib import contextmanager
 from functools import lru_cache
 import numpy as np
 from PIL import Image
@@ -14,7 +15,8 @@ from .core import ImageError
 from .faces_align import FaceCrop
 
 # %% auto #0
-__all__ = ['default_device', 'mtcnn_model', 'mtcnn_detect', 'mtcnn_crop_box', 'mtcnn_crop', 'mtcnn_faces']
+__all__ = ['default_device', 'mtcnn_model', 'detect_face_batched', 'mtcnn_detect', 'split_torch_threads', 'mtcnn_crop_box',
+           'mtcnn_crop', 'mtcnn_faces']
 
 # %% ../nbs/12_faces_mtcnn.ipynb #12bd8a81
 def default_device()->str:
@@ -30,8 +32,91 @@ def mtcnn_model(device:str|None=None, # torch device (None: `default_device()`)
                ):
     "A cached facenet-pytorch `MTCNN` that returns the largest face first."
     from facenet_pytorch import MTCNN
-    return MTCNN(min_face_size=min_face_size, thresholds=list(thresholds), factor=factor, select_largest=True,
-                 keep_all=True, post_process=False, device=device or default_device()).eval()
+    import torch
+    m = MTCNN(min_face_size=min_face_size, thresholds=list(thresholds), factor=factor, select_largest=True,
+              keep_all=True, post_process=False, device=device or default_device()).eval()
+    # channels-last weights: on the CPU, the max-pooling of the large pyramid levels runs ~3x faster (exactly the same
+    # result) and the convolutions ~1.6x; see `detect_face_batched`
+    return m.to(memory_format=torch.channels_last) if str(m.device) == 'cpu' else m
+
+# %% ../nbs/12_faces_mtcnn.ipynb #a208adeb
+def _integral_images(imgs:np.ndarray # B×H×W×C uint8
+                    ):
+    "Summed-area tables B×(H+1)×(W+1)×C (OpenCV's `integral`, exact: int32, or float64 beyond 8 megapixels)."
+    import cv2, torch
+    depth = cv2.CV_32S if imgs.shape[1] * imgs.shape[2] * 255 < 2**31 else cv2.CV_64F
+    return torch.from_numpy(np.stack([cv2.integral(np.ascontiguousarray(a), sdepth=depth) for a in imgs]))
+
+def _area_resample(sat, # B×(H+1)×(W+1)×C summed-area tables (on the networks' device)
+                   inds, y, ey, x, ex, # facenet-pytorch's `pad` output: box k is rows y-1:ey, cols x-1:ex of image inds[k]
+                   out:int # output side
+                  ):
+    "facenet-pytorch's per-box `imresample(crop, (out, out))` ('area' = adaptive average pooling), every box at once."
+    import torch
+    dev = sat.device
+    y0, y1, x0, x1 = (torch.as_tensor(np.asarray(v, np.int64), device=dev) for v in (y - 1, ey, x - 1, ex))
+    i = torch.arange(out, device=dev)
+    def bins(a, n): return a[:, None] + (i * n[:, None]) // out, a[:, None] - (-(i + 1) * n[:, None]) // out
+    (r0, r1), (c0, c1) = bins(y0, y1 - y0), bins(x0, x1 - x0)            # K×out bin edges: [start, end)
+    R0, R1, C0, C1 = r0[:, :, None], r1[:, :, None], c0[:, None, :], c1[:, None, :]
+    H1, W1, C = sat.shape[1:]; flat = sat.reshape(-1, C); base = torch.as_tensor(inds, device=dev)[:, None, None] * H1
+    def at(R, Cs): return flat.index_select(0, ((base + R) * W1 + Cs).flatten())
+    tot = at(R1, C1) - at(R0, C1) - at(R1, C0) + at(R0, C0)                  # (K·out·out)×C bin sums, exact
+    area = ((R1 - R0) * (C1 - C0)).flatten()[:, None]
+    exact = torch.float32 if int(area.max()) * 255 < 2**24 else torch.float64   # sums float32 holds exactly
+    return (tot.to(exact) / area.to(exact)).float().view(len(y0), out, out, C).permute(0, 3, 1, 2).contiguous()
+
+def _crops(sat, boxes, inds, w, h, out):
+    "Drop empty crops, then resample the rest to out×out and normalise as facenet-pytorch does."
+    from facenet_pytorch.models.utils.detect_face import pad
+    y, ey, x, ex = pad(boxes, w, h)
+    keep = (ey > y - 1) & (ex > x - 1)
+    if not keep.all():
+        k = np.flatnonzero(keep); boxes, inds = boxes[k], inds[k]; y, ey, x, ex = y[k], ey[k], x[k], ex[k]
+    return boxes, inds, (_area_resample(sat, inds.cpu().numpy(), y, ey, x, ex, out) - 127.5) * 0.0078125
+
+# %% ../nbs/12_faces_mtcnn.ipynb #532b2c80
+def detect_face_batched(mt, # a facenet-pytorch `MTCNN`: its networks, thresholds, pyramid factor and min face size
+                        imgs:np.ndarray # B×H×W×3 uint8 RGB
+                       )->tuple:
+    "facenet-pytorch's `detect_face` with vectorised crops: per image, boxes (n×5: x1, y1, x2, y2, prob) and points (n×5×2)."
+    import torch
+    from facenet_pytorch.models.utils.detect_face import (imresample, generateBoundingBox, batched_nms, batched_nms_numpy,
+                                                          bbreg, rerec, fixed_batch_process)
+    dev = next(mt.pnet.parameters()).device
+    with torch.no_grad():
+        x = torch.as_tensor(np.ascontiguousarray(imgs.transpose(0, 3, 1, 2)), device=dev).float()
+        sat = _integral_images(imgs).to(dev)
+        B, h, w = len(x), x.shape[2], x.shape[3]
+        m = 12.0 / mt.min_face_size; minl = min(h, w) * m; scales, s = [], m
+        while minl >= 12: scales.append(s); s *= mt.factor; minl *= mt.factor
+        boxes, inds, picks, offset = [], [], [], 0
+        for s in scales:                                    # stage 1: P-Net over the pyramid, NMS per scale and image
+            reg, probs = mt.pnet((imresample(x, (int(h * s + 1), int(w * s + 1))) - 127.5) * 0.0078125)
+            bs, ii = generateBoundingBox(reg, probs[:, 1], s, mt.thresholds[0])
+            boxes.append(bs); inds.append(ii); picks.append(batched_nms(bs[:, :4], bs[:, 4], ii, 0.5) + offset); offset += len(bs)
+        boxes, inds = torch.cat(boxes), torch.cat(inds); p = torch.cat(picks); boxes, inds = boxes[p], inds[p]
+        p = batched_nms(boxes[:, :4], boxes[:, 4], inds, 0.7); boxes, inds = boxes[p], inds[p]
+        rw, rh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+        boxes = rerec(torch.stack([boxes[:, 0] + boxes[:, 5] * rw, boxes[:, 1] + boxes[:, 6] * rh,
+                                   boxes[:, 2] + boxes[:, 7] * rw, boxes[:, 3] + boxes[:, 8] * rh, boxes[:, 4]]).permute(1, 0))
+        if len(boxes):                                      # stage 2: R-Net on 24×24 crops
+            boxes, inds, data = _crops(sat, boxes, inds, w, h, 24)
+            out = fixed_batch_process(data, mt.rnet); score = out[1][:, 1]; ok = score > mt.thresholds[1]
+            boxes, inds, mv = torch.cat((boxes[ok, :4], score[ok, None]), 1), inds[ok], out[0][ok]
+            p = batched_nms(boxes[:, :4], boxes[:, 4], inds, 0.7)
+            boxes, inds = rerec(bbreg(boxes[p], mv[p])), inds[p]
+        points = torch.zeros(0, 5, 2, device=dev)
+        if len(boxes):                                      # stage 3: O-Net on 48×48 crops, landmarks
+            boxes, inds, data = _crops(sat, boxes, inds, w, h, 48)
+            out = fixed_batch_process(data, mt.onet); score = out[2][:, 1]; ok = score > mt.thresholds[2]
+            pts = out[1][ok]; boxes, inds, mv = torch.cat((boxes[ok, :4], score[ok, None]), 1), inds[ok], out[0][ok]
+            wi, hi = boxes[:, 2] - boxes[:, 0] + 1, boxes[:, 3] - boxes[:, 1] + 1
+            points = torch.stack((wi[:, None] * pts[:, :5] + boxes[:, :1] - 1, hi[:, None] * pts[:, 5:] + boxes[:, 1:2] - 1), 2)
+            boxes = bbreg(boxes, mv)
+            p = batched_nms_numpy(boxes[:, :4], boxes[:, 4], inds, 0.7, 'Min'); boxes, inds, points = boxes[p], inds[p], points[p]
+        boxes, points, inds = boxes.cpu().numpy(), points.cpu().numpy(), inds.cpu().numpy()
+    return [boxes[inds == b] for b in range(B)], [points[inds == b] for b in range(B)]
 
 # %% ../nbs/12_faces_mtcnn.ipynb #0d02af6c
 def mtcnn_detect(imgs:list, # HxWx3 uint8 RGB arrays, all the same shape
@@ -41,9 +126,23 @@ def mtcnn_detect(imgs:list, # HxWx3 uint8 RGB arrays, all the same shape
     if not imgs: return []
     shapes = {a.shape for a in imgs}
     if len(shapes) != 1: raise ValueError(f'mtcnn_detect needs equal-size images, got shapes {sorted(shapes)}')
-    boxes, probs, points = mtcnn_model(**det_kw).detect(np.stack(imgs), landmarks=True)
-    return [None if b is None else (np.asarray(b, np.float64), np.asarray(p, np.float64), np.asarray(q, np.float64))
-            for b, p, q in zip(boxes, probs, points)]
+    out = []
+    for box, point in zip(*detect_face_batched(mtcnn_model(**det_kw), np.stack(imgs))):
+        if len(box) == 0: out.append(None); continue
+        o = np.argsort((box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1]))[::-1]   # largest first, as MTCNN.detect
+        out.append((box[o, :4].astype(np.float64), box[o, 4].astype(np.float64), point[o].astype(np.float64)))
+    return out
+
+# %% ../nbs/12_faces_mtcnn.ipynb #7466fe4e
+@contextmanager
+def split_torch_threads(n:int # concurrent detection threads that will share the CPU
+                       ):
+    "Within the block, give torch `1/n` of its intra-op threads (at least one) and yield that count; restored on exit."
+    import torch
+    before = torch.get_num_threads(); share = max(1, before // max(1, n))
+    torch.set_num_threads(share)
+    try: yield share
+    finally: torch.set_num_threads(before)
 
 # %% ../nbs/12_faces_mtcnn.ipynb #a240bcfe
 def mtcnn_crop_box(box, # (x1, y1, x2, y2) detected box

@@ -14,8 +14,8 @@ import pandas as pd
 from .core import dlib_model_path, package_data
 
 # %% auto #0
-__all__ = ['OUTER_EYES_AND_NOSE', 'INNER_EYES_AND_BOTTOM_LIP', 'LANDMARK_GROUPS', 'dlib_detector', 'dlib_predictor', 'FaceBox',
-           'detect_faces', 'landmarks68', 'openface_template', 'face_hull']
+__all__ = ['OUTER_EYES_AND_NOSE', 'INNER_EYES_AND_BOTTOM_LIP', 'LANDMARK_GROUPS', 'dlib_detector', 'dlib_models_loaded',
+           'dlib_predictor', 'FaceBox', 'detect_faces', 'landmarks68', 'openface_template', 'face_hull']
 
 # %% ../nbs/03_landmarks.ipynb #0b64242a
 @lru_cache(maxsize=None)
@@ -23,6 +23,10 @@ def dlib_detector():
     "dlib's HOG frontal-face detector (cached per process)."
     import dlib
     return dlib.get_frontal_face_detector()
+
+def dlib_models_loaded()->bool:
+    "Whether this process already holds dlib's detector and 68-point predictor (loaded or inherited from a fork server)."
+    return dlib_detector.cache_info().currsize > 0 and dlib_predictor.cache_info().currsize > 0
 
 @lru_cache(maxsize=None)
 def dlib_predictor():

@@ -14,7 +14,8 @@ from math import comb
 from pathlib import Path
 import numpy as np
 import pandas as pd
-from .core import UserError, write_bytes, write_csv, write_json, read_json, stable_hash
+from .core import (UserError, write_bytes, write_csv, write_json, read_json, stable_hash, process_pool_context,
+                              start_process_pool_server)
 from .labels import SUBGROUPS
 from .synth_render import (IDENTITY_PARAMS, BACKDROP, render_face, encode_jpeg, source_faces,
                                       install_source_faces)
@@ -206,17 +207,15 @@ def make_benchmark(out, # output folder (created)
     if not marker.exists() and out.exists() and any(out.iterdir()):
         raise UserError(f'{out} exists and is not empty (and is not a synth benchmark); choose a new --out')
     write_json(marker, {'config_hash': h, 'config': cfg.to_dict()})
+    if workers > 1: start_process_pool_server()   # preloads while we plan and find the source faces
     plan = plan_benchmark(cfg); labels, votes = simulate_labels(plan, cfg)
     (out/'images').mkdir(parents=True, exist_ok=True)
     todo = [(r.image_id, r.render, cfg.width, cfg.height, out/'images'/f'{r.image_id}.jpg')
             for r in plan.itertuples(index=False) if not (out/'images'/f'{r.image_id}.jpg').exists()]
     faces = source_faces(cfg.width, cfg.height)
     if workers > 1 and len(todo) > 1:
-        import multiprocessing as mp
-        # never fork a process that may hold torch/OpenMP threads: a fork server (or spawn) starts clean workers
-        ctx = mp.get_context('forkserver' if 'forkserver' in mp.get_all_start_methods() else 'spawn')
-        if ctx.get_start_method() == 'forkserver': ctx.set_forkserver_preload(['mugshotrace.synth'])
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(cfg.width, cfg.height, faces)) as ex:
+        # never fork a process that may hold torch/OpenMP threads: the package's fork server (or spawn) starts clean workers
+        with ProcessPoolExecutor(workers, mp_context=process_pool_context(), initializer=_worker_init, initargs=(cfg.width, cfg.height, faces)) as ex:
             for _ in _progress(ex.map(_render_one, todo, chunksize=8), len(todo), progress, 'synth'): pass
     else:
         for t in _progress(todo, len(todo), progress, 'synth'): _render_one(t)

@@ -329,3 +329,14 @@ def test_very_large_photo_every_variant(tmp_path):
     for v in VARIANTS:
         m = preprocess(tab, im, v, tmp_path/'o', size=64, progress=False)
         assert m.status.tolist() == ['ok'], (v, m.reason.tolist())
+
+
+def test_pool_workers_inherit_dlib_models():
+    """Workers of the package's process pools fork from a server that has loaded dlib's models (`pool_preload`), so
+    none spends a second loading its own 100 MB copy."""
+    from mugshotrace.core import process_pool_context
+    from mugshotrace.landmarks import dlib_models_loaded
+    ctx = process_pool_context()
+    if ctx.get_start_method() != 'forkserver': pytest.skip('no fork server on this platform: workers load the models themselves')
+    with ctx.Pool(2) as pool:
+        assert [pool.apply(dlib_models_loaded) for _ in range(4)] == [True] * 4
