@@ -169,6 +169,24 @@ def test_asking_for_a_missing_gpu_is_a_user_error(tmp_path, capsys):
     assert 'GPU' in capsys.readouterr().err
 
 
+def test_search_creates_no_tensor_without_a_device():
+    """A CPU stand-in for the GPU path: under `torch.device('meta')` every tensor created without an explicit device
+    lands on 'meta' and cannot mix with the CPU ones, so the search, prediction and reconstruction metrics would fail
+    here exactly where they would put a tensor on the CPU while the networks sit on a GPU."""
+    from mugshotrace.confounding import ConvAutoencoder, latent_counterfactuals, reconstruction_quality, SmallCNN
+    torch.manual_seed(0)
+    ae = ConvAutoencoder(32, 16, 16).eval(); bb = BlackBox(SmallCNN(2), ('a', 'b'), 32, (0.5,) * 3, (0.25,) * 3)
+    x = torch.rand(12, 3, 32, 32)
+    ref = latent_counterfactuals(ae, bb, x, steps=5, bs=8, device='cpu')
+    with torch.device('meta'):
+        cf = latent_counterfactuals(ae, bb, x, steps=5, bs=8, device='cpu')
+        probs = predict_probs(bb, x); q = reconstruction_quality(ae, x, x.mean(0))
+    assert np.array_equal(cf.pred_cf, ref.pred_cf) and np.array_equal(cf.first_cross, ref.first_cross)
+    assert cf.z.device.type == 'cpu' and probs.shape == (12, 2) and np.isfinite(q['mse'])
+    with torch.device('meta'), pytest.raises(RuntimeError):   # the check has teeth: a device-less tensor fails
+        torch.ones(3, dtype=torch.bool) & torch.ones(3, dtype=torch.bool, device='cpu')
+
+
 @pytest.mark.cuda
 def test_experiment_on_gpu_matches_cpu(shapes_result):
     """The whole experiment on the GPU: the networks train and search there, everything returned is on the CPU, every
