@@ -7,12 +7,12 @@ Docs: https://mugshotrace.github.io/mugshotrace/runner.html.md"""
 
 # %% ../nbs/36_runner.ipynb #408c2795
 from __future__ import annotations
-import contextlib, json, os, socket, sys, threading, time, traceback, uuid
+import contextlib, json, os, shutil, socket, sys, threading, time, traceback, uuid
 from pathlib import Path
 import numpy as np
 import pandas as pd
 from .core import (UserError, RunPaths, run_paths, write_json, read_json, write_csv, write_text,
-                              seed_everything, environment_info)
+                              seed_everything, environment_info, stable_hash)
 from .experiments import RunConfig, StudyData
 from .labels import subgroup_code
 
@@ -102,11 +102,12 @@ class InvertBatch(Callback):
 class EpochLog(Callback):
     "Append one row per epoch (every fit of the run, `phase` = fit number) to a CSV, atomically."
     order = 60
-    def __init__(self, path): self.path, self.rows, self.phase = Path(path), [], 0
+    def __init__(self, path, rows:list|None=None, phase:int=0): self.path, self.rows, self.phase = Path(path), list(rows or []), phase
     def before_fit(self):
         if hasattr(self.learn, 'lr_finder'): return
         self.phase += 1; self.old, self.learn.logger = self.learn.logger, self._log
     def _log(self, log):
+        if self.learn.epoch < getattr(self, 'skip_epochs', 0): return self.old(log)   # skipped on resume: logged before
         self.rows.append({'phase': self.phase, **dict(zip(self.recorder.metric_names, [str(v) for v in log]))})
         write_csv(self.path, pd.DataFrame(self.rows)); self.old(log)
     def after_fit(self):
@@ -114,11 +115,20 @@ class EpochLog(Callback):
 
 def train_learner(learn, # a `face_learner`
                   cfg:RunConfig, # the recipe
-                  log_path=None # where `EpochLog` writes
+                  log_path=None, # where `EpochLog` writes
+                  checkpoint=None # epoch-checkpoint folder (None: no checkpoints)
                  )->dict:
-    "Train `learn` with the run's recipe; return what was used (lr, precision, device)."
+    "Train `learn` with the run's recipe, resuming from a checkpoint; return what was used (lr, precision, device)."
     import torch
-    cbs = ([EpochLog(log_path)] if log_path else []) + ([InvertBatch()] if cfg.invert in ('train', 'both') else [])
+    from dataclasses import asdict
+    from mugshotrace.checkpoints import fit_phases, read_checkpoint
+    key = stable_hash(asdict(cfg))
+    ck = read_checkpoint(checkpoint, key) if checkpoint is not None and not cfg.distributed else None
+    rows = []
+    if ck and log_path and Path(log_path).exists():   # keep the log of the epochs before the checkpoint
+        old = pd.read_csv(log_path)
+        keep = (old.phase <= ck['phase']) | ((old.phase == ck['phase'] + 1) & (old.epoch.astype(int) < ck['epoch']))
+        rows = old[keep].astype(str).to_dict('records')
     gpu = torch.cuda.is_available(); prec = 'fp32'
     if cfg.distributed and torch.cuda.device_count() < 2: raise UserError('distributed: true needs several GPUs (launch with `accelerate launch`)')
     if gpu:
@@ -126,19 +136,23 @@ def train_learner(learn, # a `face_learner`
         prec = cfg.precision if cfg.precision != 'auto' else ('bf16' if torch.cuda.is_bf16_supported() else 'fp16')
         if prec == 'fp16': learn.to_fp16()
         elif prec == 'bf16': learn.to_bf16()
-    lr = cfg.lr
-    if cfg.lr_find:
+    lr = ck['lr'] if ck else cfg.lr
+    if cfg.lr_find and not ck:
         with learn.no_bar(), learn.no_logging(): lr = float(learn.lr_find(show_plot=False).valley)
     if cfg.distributed:
         try: import fastai.distributed  # noqa: F401  (needs `accelerate`)
         except Exception as e: raise UserError(f'distributed training needs accelerate: pip install accelerate ({e})') from None
         ctx = learn.distrib_ctx()
     else: ctx = contextlib.nullcontext()
+    if cfg.init == 'random': phases = [('fit', cfg.epochs, dict(lr_max=lr))]
+    else: phases = [('frozen', cfg.freeze_epochs, dict(lr_max=slice(lr), pct_start=0.99)),      # fastai's fine_tune
+                    ('unfrozen', cfg.epochs, dict(lr_max=slice(lr / 2 / cfg.lr_mult, lr / 2), pct_start=0.3, div=5.0))]
+    first = ck['phase'] + (ck['epoch'] >= phases[ck['phase']][1]) if ck else 0     # the first phase still to run
+    cbs = ([EpochLog(log_path, rows, first)] if log_path else []) + ([InvertBatch()] if cfg.invert in ('train', 'both') else [])
     with ctx, learn.no_bar(), learn.no_logging():
-        if cfg.init == 'random': learn.fit_one_cycle(cfg.epochs, lr, cbs=cbs)
-        else: learn.fine_tune(cfg.epochs, base_lr=lr, freeze_epochs=cfg.freeze_epochs, lr_mult=cfg.lr_mult, cbs=cbs)
+        res = fit_phases(learn, phases, None if cfg.distributed else checkpoint, key, cbs, info={'lr': lr}, resume=ck)
     if gpu and prec != 'fp32': learn.to_fp32()
-    return {'lr': lr, 'precision': prec, 'device': 'cuda' if gpu else 'cpu'}
+    return {'lr': lr, 'precision': prec, 'device': 'cuda' if gpu else 'cpu', **res}
 
 # %% ../nbs/36_runner.ipynb #d7cba257
 def dataset_file_name(dataset:str)->str:
@@ -195,7 +209,7 @@ def train_and_evaluate(cfg:RunConfig, data:StudyData, paths:RunPaths)->dict:
     from mugshotrace import labels as L, sampling as S, data as D, faces as F
     from mugshotrace.models import get_arch, face_learner, save_bundle
     t0 = time.time(); spec = get_arch(cfg.arch)
-    for f in paths.root.glob('.*.tmp'): f.unlink()          # debris of a killed attempt
+    for f in [*paths.root.glob('.*.tmp'), *paths.root.glob('.checkpoint/.*.tmp')]: f.unlink()   # debris of a killed attempt
     size = max(cfg.size or spec.input_size, spec.min_size)
     table = L.load_labels(data.labels_table, L.LabelSpec.from_dict(data.label_spec))
     task = (L.race2 if cfg.task == 'race2' else L.race_eth4)(cfg.label_source)
@@ -210,7 +224,7 @@ def train_and_evaluate(cfg:RunConfig, data:StudyData, paths:RunPaths)->dict:
                              weighted=cfg.weighted, classes=list(task.classes))
     learn = face_learner(dls, spec, init=cfg.init, seed=cfg.seed, path=paths.root, model_dir='.models')   # lr_find's scratch
     seed_everything(cfg.seed)
-    used = train_learner(learn, cfg, log_path=paths.log)
+    used = train_learner(learn, cfg, log_path=paths.log, checkpoint=paths.root/'.checkpoint')
     with contextlib.suppress(OSError): (paths.root/'.models').rmdir()
     counts = items.groupby(['is_valid', 'label']).size()
     tdata = {'n_train': int((~items.is_valid).sum()), 'n_valid': int(items.is_valid.sum()), 'label_source': cfg.label_source,
@@ -247,6 +261,7 @@ def train_and_evaluate(cfg:RunConfig, data:StudyData, paths:RunPaths)->dict:
                'seconds': round(time.time() - t0, 2), 'dropped': sample.meta.get('dropped', {})}
     write_json(paths.metrics, metrics)
     write_json(paths.env, {**environment_info(), 'torch_threads': torch.get_num_threads()})
+    shutil.rmtree(paths.root/'.checkpoint', ignore_errors=True)   # the run is complete: nothing left to resume
     return metrics
 
 # %% ../nbs/36_runner.ipynb #b52627ac

@@ -117,9 +117,9 @@ def test_resume_after_kill(toy):
     env = {**os.environ, 'PYTHONWARNINGS': 'ignore'}
     proc = subprocess.Popen([sys.executable, '-m', 'mugshotrace.cli', 'run', str(study)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    log = Path(runs_root)/second/'log.csv'
+    ckpt = Path(runs_root)/second/'.checkpoint'/'progress.json'
     t0 = time.time()
-    while not log.exists():   # the second run has finished its first epoch: it is mid-training
+    while not ckpt.exists():   # the second run has checkpointed its first epoch: it is mid-training
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         assert time.time() - t0 < 240; time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL); proc.wait()
@@ -137,6 +137,12 @@ def test_resume_after_kill(toy):
         assert read_json(Path(runs_root)/rid/'model.json')['weights_sha256'] == read_json(Path(load_study(ref_study).runs_root)/rid/'model.json')['weights_sha256']
     s = read_state(runs_root, second)
     assert s['attempts'] == 2 and [h['state'] for h in s['history']] == ['running', 'running', 'done']
+    # the second attempt resumed from the epoch checkpoint instead of training from scratch, and still ended with the
+    # uninterrupted run's weights (checked above); the checkpoint is gone and the log has each epoch once
+    assert read_json(Path(runs_root)/second/'metrics.json')['train']['resumed_from']['epoch'] >= 1
+    assert read_json(Path(runs_root)/ref.run_id[0]/'metrics.json')['train']['resumed_from'] is None
+    assert not (Path(runs_root)/second/'.checkpoint').exists()
+    assert pd.read_csv(Path(runs_root)/second/'log.csv').epoch.tolist() == [0, 1]
 
 def test_failed_runs_retried_only_on_request(toy, tmp_path):
     root, _, _ = toy
