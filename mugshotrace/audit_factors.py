@@ -17,7 +17,7 @@ from .audit_stats import fisher_gap_pvalue, newcombe_interval, adjust_pvalues, m
 from .selfaudit import AuditFrame, DESIGN_FACTORS, run_config, run_scenarios
 
 # %% auto #0
-__all__ = ['design_factor_effects', 'drop_rates', 'flip_rates']
+__all__ = ['design_factor_effects', 'prediction_outcomes', 'drop_rates', 'flip_rates']
 
 # %% ../nbs/44_audit_factors.ipynb #22ea02d9
 def _independent_columns(X:np.ndarray)->list[int]:
@@ -28,15 +28,22 @@ def _independent_columns(X:np.ndarray)->list[int]:
 
 def design_factor_effects(af:AuditFrame, # the self-audit (its `runs` carry the design factors)
                           attribute:str='race', # the group attribute
-                          factors=DESIGN_FACTORS, alpha:float=0.05, metric:str='accuracy')->pd.DataFrame:
+                          factors=DESIGN_FACTORS, alpha:float=0.05, metric:str='accuracy',
+                          outcomes:pd.DataFrame|None=None # per-prediction correctness (`prediction_outcomes`): intervals clustered by image
+                         )->pd.DataFrame:
     "Per-group log-odds effects of each design-factor level on correctness, and factor × group interactions."
     import statsmodels.api as sm
-    t = af.metric(metric); t = t[(t.attribute == attribute) & (t.n > 0) & ~t.test_set.str.endswith('/pooled')]
     runs = af.runs.drop_duplicates('run_id').set_index('run_id')
-    t = t.drop(columns=[c for c in factors if c in t.columns]).join(runs[[f for f in factors if f in runs.columns]], on='run_id')
+    if outcomes is not None and metric == 'accuracy':   # one row per prediction, joined to its run's design
+        t = outcomes[outcomes.test_set.isin(set(af.df.test_set)) & outcomes.run_id.isin(runs.index)]
+        t = t.join(runs[[f for f in factors if f in runs.columns]], on='run_id').assign(k=lambda x: x.correct.astype(float), n=1.)
+    else:
+        t = af.metric(metric); t = t[(t.attribute == attribute) & (t.n > 0) & ~t.test_set.str.endswith('/pooled')]
+        t = t.drop(columns=[c for c in factors if c in t.columns]).join(runs[[f for f in factors if f in runs.columns]], on='run_id')
+        t = t.assign(k=np.rint(t.value*t.n))
     fs = [f for f in factors if f in t.columns and t[f].astype(str).nunique() > 1]
     if not fs or t.group.nunique() < 1: return pd.DataFrame()
-    t = t.assign(k=np.rint(t.value*t.n)).astype({f: str for f in fs})
+    t = t.astype({f: str for f in fs})
     d = t.groupby(['group'] + fs, as_index=False)[['k', 'n']].sum()
     groups = sorted(d.group.unique()); g0 = groups[0]
     cols, names = [np.ones(len(d))], ['Intercept']
@@ -50,7 +57,14 @@ def design_factor_effects(af:AuditFrame, # the self-audit (its `runs` carry the 
     y = np.column_stack([d.k, d.n - d.k])
     import warnings
     with warnings.catch_warnings(record=True) as ws:              # a saturated fit trips both warnings harmlessly
-        warnings.simplefilter('always'); res = sm.GLM(y, X, family=sm.families.Binomial()).fit()
+        warnings.simplefilter('always')
+        if outcomes is not None and metric == 'accuracy':
+            # the same likelihood on one row per prediction (same estimates as the cell counts), with a sandwich
+            # covariance clustered by image: every run predicts the same held-out images, often several times
+            cell = t.merge(d[['group'] + fs].reset_index(), on=['group'] + fs)['index'].to_numpy()
+            res = sm.GLM(t.k.to_numpy(), X[cell], family=sm.families.Binomial()).fit(
+                cov_type='cluster', cov_kwds={'groups': pd.factorize(t.image_id)[0]})
+        else: res = sm.GLM(y, X, family=sm.families.Binomial()).fit()
     if ((d.k == 0) | (d.k == d.n)).any():
         warnings.warn('some design cells are all correct or all wrong: their effects are not identified (infinite log-odds)')
     rows = []
@@ -71,8 +85,27 @@ def design_factor_effects(af:AuditFrame, # the self-audit (its `runs` carry the 
                     rows.append({'attribute': attribute, 'group': f'{g} vs {g0}', 'factor': f, 'level': lv, 'reference': ref[f],
                                  'term': 'interaction', 'log_odds': res.params[j], 'ci_low': lo, 'ci_high': hi, 'p_value': res.pvalues[j]})
     out = pd.DataFrame(rows)
-    if len(out): out['odds_ratio'] = np.exp(out.log_odds); out['q_value'] = adjust_pvalues(out.p_value, 'holm')
+    if len(out):
+        out['odds_ratio'] = np.exp(out.log_odds); out['q_value'] = adjust_pvalues(out.p_value, 'holm')
+        out['se'] = 'cluster(image_id)' if outcomes is not None and metric == 'accuracy' else 'independent'
     return out
+
+def prediction_outcomes(runs, # run folders
+                        attribute:str='race', # the group column of the predictions
+                        target:str='label' # the reference column ('label' or 'truth')
+                       )->pd.DataFrame:
+    "One row per prediction of every scenario the audit counts: run_id, test_set, image_id, group, correct."
+    parts = []
+    for r in runs:
+        rid = run_config(r)['run_id']
+        for s in run_scenarios(r):
+            df = pd.read_csv(s['file'], dtype={'image_id': str})
+            if attribute not in df or target not in df: continue
+            df = df[df[attribute].notna() & df[target].notna()]
+            parts.append(pd.DataFrame({'run_id': rid, 'test_set': s['test_set'], 'image_id': df.image_id.to_numpy(),
+                                       'group': df[attribute].astype(str).to_numpy(),
+                                       'correct': (df.Prediction.astype(str) == df[target].astype(str)).to_numpy()}))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=['run_id', 'test_set', 'image_id', 'group', 'correct'])
 
 # %% ../nbs/44_audit_factors.ipynb #8733cf23
 def _groups_from_labels(labels:pd.DataFrame, label_source:str='court')->pd.DataFrame:

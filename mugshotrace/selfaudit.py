@@ -215,14 +215,15 @@ def run_selfaudit(run_dir, out=None, n_boot:int=1000, seed:int=0, alpha:float=0.
     for p in ([Path(labels)] if labels else []) + (sorted(Path(faces).glob('*/manifest.csv')) if faces else []):
         if not p.exists(): raise UserError(f'{p} not found')
         extra.append([p.name, p.stat().st_size, p.stat().st_mtime_ns])
-    fp = stable_hash([opts, correction, attribute, figures, extra] + [_fingerprint(r, opts) for r in runs], 16)
+    fp = stable_hash([opts, correction, attribute, figures, extra, 'design-se:cluster(image_id)'] + [_fingerprint(r, opts) for r in runs], 16)
     done = out/'inputs.json'
     if done.exists() and read_json(done).get('fingerprint') == fp and (out/'audit.csv').exists(): return out
     af = audit_runs(run_dir, out=out, correction=correction, progress=progress, **opts)
     af.to_csv(out/'audit.csv'); write_csv(out/'runs.csv', af.runs)
     if len(af.metric('accuracy')[lambda d: d.attribute == attribute]):
         for k, v in seed_summaries(af, attribute=attribute, seed=seed, alpha=alpha).items(): write_csv(out/f'summary_{k}.csv', v)
-    eff = F.design_factor_effects(af, attribute=attribute, alpha=alpha)
+    eff = F.design_factor_effects(af, attribute=attribute, alpha=alpha,   # intervals clustered by image
+                                  outcomes=F.prediction_outcomes(runs, attribute=attribute, target=target))
     if len(eff): write_csv(out/'design_factors.csv', eff)
     flips = F.flip_rates(runs, target=target, alpha=alpha)
     if len(flips): write_csv(out/'flip_rates.csv', flips)
