@@ -10,10 +10,11 @@ import sys, time
 from dataclasses import dataclass, asdict, field, replace
 from pathlib import Path
 import pandas as pd
-from .core import UserError, write_text, write_json, read_json
+from .core import UserError, write_text, write_json, read_json, write_csv
 
 # %% auto #0
-__all__ = ['QUICK', 'FULL', 'DemoConfig', 'demo_study', 'demo_synth_config', 'run_demo', 'demo_summary', 'add_demo_parser']
+__all__ = ['QUICK', 'FULL', 'DemoConfig', 'demo_study', 'demo_synth_config', 'demo_bulk_labels', 'run_demo', 'demo_summary',
+           'add_demo_parser']
 
 # %% ../nbs/65_demo.ipynb #1e548df2
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class DemoConfig:
     explain_images:int=24 # images per group and scenario for facial-region attribution
     confound:bool=True # xGEMs probe
     confound_images:int=64 # images the probe pushes across the decision boundary
+    label:bool=True # labels at scale: bulk-label the images no model trained on, agreement with the labels they have
+    hidden_share:float=0.3 # share of those images whose (student) labels the demo hides, for bulk labelling to fill
 
 QUICK = DemoConfig(people=300, archs=('tiny_cnn',), variants=('resized',), n_per_class=120, n_boot=300,
                    explain_images=12, confound_images=32)
@@ -69,6 +72,24 @@ def demo_synth_config(cfg:DemoConfig):
     return SynthConfig(people=cfg.people, seed=cfg.seed, shares={g: 0.25 for g in ('BH', 'WH', 'BnH', 'WnH')},
                        court_noise={'BH': cfg.court_noise_bh, 'WH': 0.02, 'BnH': 0.02, 'WnH': 0.02}, student_noise=0.1)
 
+def demo_bulk_labels(out:Path, bench:Path, run_dirs:list, cfg:DemoConfig, progress:bool=True)->dict:
+    "Bulk-label the benchmark images that the chosen run never trained on; hide some student labels for it to fill."
+    import numpy as np
+    from mugshotrace.labeling import label_and_compare
+    from mugshotrace.labels import subgroup_code
+    student = [r for r in run_dirs if read_json(r/'config.json').get('label_source') == 'student']
+    run = (student or run_dirs)[0]; smp = read_json(run/'sample.json')
+    lab = pd.read_csv(bench/'labels.csv', dtype=str)
+    lab = lab[~lab.image_id.isin(set(smp['train']) | set(smp['valid']))].reset_index(drop=True)   # out of sample
+    d = out/'labels'; d.mkdir(parents=True, exist_ok=True)
+    write_csv(d/'images.csv', pd.DataFrame({'image_id': lab.image_id, 'path': [str(bench/p) for p in lab.path]}))
+    hide = np.random.default_rng(cfg.seed).random(len(lab)) < cfg.hidden_share     # labels missing, to be filled
+    table = pd.DataFrame({'image_id': lab.image_id, 'race_student': lab.race_student.where(~hide, ''),
+                          'group': subgroup_code(lab.race_student, lab.ethnicity_student)})
+    write_csv(d/'label_table.csv', table)
+    return label_and_compare(run, d/'images.csv', d/'bulk_labels.csv', d/'label_table.csv', label_col='race_student',
+                             group_col='group', progress=progress)
+
 def run_demo(out='mugshotrace_demo', # the study folder to write (re-running resumes)
              cfg:DemoConfig=FULL, # what to run (`QUICK` for `--quick`)
              workers:int=1, # processes for benchmark rendering and preprocessing
@@ -84,17 +105,17 @@ def run_demo(out='mugshotrace_demo', # the study folder to write (re-running res
     out.mkdir(parents=True, exist_ok=True)
     write_json(out/'demo.json', {'config': asdict(cfg)})
     bench = out/'benchmark'
-    _log(t0, f'1/7 semi-synthetic benchmark: {cfg.people} people -> {bench}')
+    _log(t0, f'1/8 semi-synthetic benchmark: {cfg.people} people -> {bench}')
     make_benchmark(bench, demo_synth_config(cfg), workers=workers, progress=progress)
     study = demo_study(cfg, bench, out)
     study['data']['preprocess'].update(workers=workers, progress=progress)
     write_text(out/'study.yaml', yaml.safe_dump(study, sort_keys=False))
-    _log(t0, f"2/7 preprocessing ({', '.join(cfg.variants)}) and 3/7 training {len(cfg.archs) * len(cfg.variants) * len(cfg.label_sources)} runs")
+    _log(t0, f"2/8 preprocessing ({', '.join(cfg.variants)}) and 3/8 training {len(cfg.archs) * len(cfg.variants) * len(cfg.label_sources)} runs")
     runs = run_grid(out/'study.yaml', progress=progress)
     if (runs.state != 'done').any():
         bad = runs[runs.state != 'done']
         raise RuntimeError(f"{len(bad)} run(s) did not finish: {'; '.join(f'{n}: {e}' for n, e in zip(bad.name, bad.error))}")
-    _log(t0, '4/7 self-audit of every run on every disaggregated test set')
+    _log(t0, '4/8 self-audit of every run on every disaggregated test set')
     run_selfaudit(out/'runs', out/'audit', n_boot=cfg.n_boot, seed=cfg.seed, faces=out/'faces',
                   labels=bench/'labels.csv', progress=progress)
     # validation of the audit itself: the same audit with the benchmark's true groups (see `selfaudit`)
@@ -103,14 +124,17 @@ def run_demo(out='mugshotrace_demo', # the study folder to write (re-running res
     run_dirs = sorted(p.parent for p in (out/'runs').glob('*/model.json'))
     if cfg.explain:
         from mugshotrace.interp import explain_run
-        _log(t0, f'5/7 Grad-CAM and guided backprop: best/worst per scenario, facial regions ({len(run_dirs)} runs)')
+        _log(t0, f'5/8 Grad-CAM and guided backprop: best/worst per scenario, facial regions ({len(run_dirs)} runs)')
         for r in run_dirs: explain_run(r, k=1, faces=out/'faces', synthetic=True, max_images=cfg.explain_images, progress=progress)
     if cfg.confound:
         from mugshotrace.confounding import ConfoundConfig, confound_run
-        _log(t0, '6/7 xGEMs confounding probe')
+        _log(t0, '6/8 xGEMs confounding probe')
         ccfg = ConfoundConfig(n_images=cfg.confound_images, ae_epochs=8, clf_epochs=6, steps=120, n_boot=500, seed=cfg.seed)
         for r in run_dirs[:2]: confound_run(r, cfg=ccfg, faces=out/'faces', figures=True)
-    _log(t0, '7/7 model cards and the study report')
+    if cfg.label:
+        _log(t0, '7/8 labels at scale: bulk labels for images no model trained on, agreement with their labels')
+        demo_bulk_labels(out, bench, run_dirs, cfg, progress)
+    _log(t0, '8/8 model cards and the study report')
     report = study_report(out, synthetic=True, title='mugshotrace demo: semi-synthetic benchmark')
     print('accuracy per subgroup on the pooled test sets (95% intervals), groups as the labels say:\n' + demo_summary(out).to_string() +
           '\n\nthe same, grouped by the benchmark\'s truth (court labels of BH were flipped at a known rate):\n' +

@@ -19,7 +19,8 @@ from .core import (UserError, ImageError, load_rgb, write_csv, write_json, read_
 
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'BundleSpec', 'list_images', 'temperature_nll', 'fit_temperature', 'temperature_from_predictions',
-           'Labeler', 'label_images', 'cohen_kappa_ci', 'label_agreement', 'coverage_gain', 'add_label_parser']
+           'Labeler', 'label_images', 'cohen_kappa_ci', 'label_agreement', 'coverage_gain', 'label_and_compare',
+           'add_label_parser']
 
 # %% ../nbs/50_labeling.ipynb #f8c33471
 def _size2(s)->tuple[int, int]:
@@ -351,18 +352,33 @@ def coverage_gain(preds, labels, classes, label_col:str='label', id_col:str='ima
     return pd.DataFrame(rows)
 
 # %% ../nbs/50_labeling.ipynb #7967831c
+def label_and_compare(model, # a bundle folder, or a `Labeler`
+                      images, # a folder, a CSV (`<id>, path`) or a list of files
+                      out_csv, # the bulk-label CSV
+                      labels=None, # a table of existing labels: agreement, per-group confusion and coverage gain
+                      label_col:str='label', id_col:str='image_id', group_col:str|None=None,
+                      progress:bool=True, **kw)->dict:
+    "`label_images`, then (with `labels`) `<out>.agreement.json`, `<out>.confusion.csv` and `<out>.coverage.csv`."
+    chunk = kw.pop('chunk', 512)
+    lab = model if isinstance(model, Labeler) else Labeler.from_dir(model, **kw)
+    s = label_images(lab, images, out_csv, id_col=id_col, chunk=chunk, progress=progress)
+    if labels is None: return s
+    out = Path(out_csv)
+    res, conf = label_agreement(out, labels, lab.spec.classes, label_col=label_col, id_col=id_col, group_col=group_col)
+    cov = coverage_gain(out, labels, lab.spec.classes, label_col=label_col, id_col=id_col)
+    res = {**res, 'label_col': label_col, 'group_col': group_col, 'model_sha256': lab.spec.sha256, 'n_labelled_images': s['n']}
+    write_json(out.parent/f'{out.name}.agreement.json', res); write_csv(out.parent/f'{out.name}.confusion.csv', conf)
+    write_csv(out.parent/f'{out.name}.coverage.csv', cov)
+    return {**s, 'agreement': res, 'coverage': cov}
+
 def _label_cmd(a)->int:
     lab = Labeler.from_dir(a.model_dir, tta=a.tta, preprocessed=a.preprocessed, bs=a.bs, workers=a.workers, device=a.device)
     if a.calibrate: lab.T = temperature_from_predictions(a.calibrate, lab.spec.classes)
     elif a.temperature: lab.T = float(a.temperature)
-    s = label_images(lab, a.images, a.out, id_col=a.id_col, chunk=a.chunk)
+    s = label_and_compare(lab, a.images, a.out, a.labels, label_col=a.label_col, id_col=a.id_col, group_col=a.group_col, chunk=a.chunk)
     print(f"labelled {s['n']} images -> {s['out']} ({', '.join(f'{k}: {v}' for k, v in s['status_counts'].items())}; T = {lab.T:.3f})")
     if a.labels:
-        out = Path(a.out)
-        res, conf = label_agreement(out, a.labels, lab.spec.classes, label_col=a.label_col, id_col=a.id_col, group_col=a.group_col)
-        cov = coverage_gain(out, a.labels, lab.spec.classes, label_col=a.label_col, id_col=a.id_col)
-        write_json(out.parent/f'{out.name}.agreement.json', res); write_csv(out.parent/f'{out.name}.confusion.csv', conf)
-        write_csv(out.parent/f'{out.name}.coverage.csv', cov)
+        res, cov = s['agreement'], s['coverage']
         print(f"agreement with {a.label_col} on {res['n']} images: r = {res.get('pearson_r', float('nan')):.4f}, "
               f"kappa = {res['kappa']['value']:.4f}; filled at p>=0.9: {int(cov.set_index('threshold').n_filled.get(0.9, 0))}")
     return 0

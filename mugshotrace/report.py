@@ -19,8 +19,8 @@ from .model_cards import (find_runs, load_audit, load_confounding, write_model_c
 
 # %% auto #0
 __all__ = ['FACE_FIGURE', 'STAGE_TABLES', 'REPORT_CSS', 'face_figure', 'is_synthetic_study', 'png_data_uri', 'caterpillar',
-           'disaggregated_table', 'extremes_table', 'ten_mean_table', 'tests_table', 'study_report',
-           'add_report_parser']
+           'bulk_label_tables', 'disaggregated_table', 'extremes_table', 'ten_mean_table', 'tests_table',
+           'study_report', 'add_report_parser']
 
 # %% ../nbs/60_report.ipynb #f041aa01
 def _group_rows(audit:pd.DataFrame, metric:str)->pd.DataFrame:
@@ -81,6 +81,29 @@ def caterpillar(audit:pd.DataFrame, metric:str='accuracy', max_rows:int=80):
     return fig
 
 # %% ../nbs/60_report.ipynb #15d50473
+def bulk_label_tables(agreement_files:list # `<out>.agreement.json` files written by `labeling.label_and_compare`
+                     )->tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    "Labels at scale: agreement per bulk-label file, agreement per group (Wilson intervals), and the coverage gain."
+    from mugshotrace.audit import wilson_interval
+    summ, groups, cover = [], [], []
+    for f in agreement_files:
+        a, name = read_json(f), Path(f).name[:-len('.agreement.json')]
+        k = a.get('kappa', {})
+        summ.append({'bulk labels': name, 'compared with': a.get('label_col', ''), 'n': a.get('n'), 'accuracy': a.get('accuracy'),
+                     "Cohen's kappa [95% CI]": _cell(k.get('value'), k.get('ci_low'), k.get('ci_high')),
+                     'mean Pearson r': a.get('pearson_r')})
+        cf = Path(f).with_name(f'{name}.confusion.csv')
+        if cf.exists():
+            c = pd.read_csv(cf, dtype={'group': str, 'label': str, 'prediction': str})
+            g = c.assign(agree=c.n.where(c.label == c.prediction, 0)).groupby('group')[['agree', 'n']].sum().reset_index()
+            lo, hi = wilson_interval(g.agree.to_numpy(), g.n.to_numpy())
+            groups += [{'bulk labels': name, 'group': r.group, 'n': int(r.n), 'agreement [95% CI]': _cell(r.agree / r.n, l, h)}
+                       for r, l, h in zip(g.itertuples(), lo, hi)]
+        cv = Path(f).with_name(f'{name}.coverage.csv')
+        if cv.exists(): cover.append(pd.read_csv(cv).assign(**{'bulk labels': name}))
+    cov = pd.concat(cover, ignore_index=True).round(4) if cover else pd.DataFrame()
+    return pd.DataFrame(summ).round(4), pd.DataFrame(groups), cov
+
 def _cell(v, lo, hi)->str:
     if pd.isna(v): return ''
     return f'{v:.3f}' + ('' if pd.isna(lo) or pd.isna(hi) else f' [{lo:.3f}, {hi:.3f}]')
@@ -191,6 +214,12 @@ def study_report(run_dir, # the study folder (run folders, audit table, stage ou
         cc = conf.copy(); cc['confounding'] = [_cell(v, l, h) for v, l, h in zip(cc.value, cc.ci_low, cc.ci_high)]
         sec.append(('confounding', 'Confounding probe (xGEMs): fraction of counterfactuals whose protected attribute flips',
                     _table_html(cc[[c for c in ('run_id', 'target_label', 'group', 'confounding', 'n') if c in cc]])))
+    agree = [f for f in sorted(root.rglob('*.agreement.json')) if 'cache' not in f.parts]
+    if agree:
+        s, g, c = bulk_label_tables(agree)
+        sec.append(('labels', 'Labels at scale: bulk labels against the labels the images already have',
+                    _table_html(s) + '<h3>Agreement per group</h3>' + _table_html(g) +
+                    '<h3>Coverage gain: images without a label that get one, by minimum confidence</h3>' + _table_html(c)))
     extra = []
     for name in STAGE_TABLES:
         for f in sorted(root.rglob(f'{name}.csv'))[:4]:

@@ -26,6 +26,20 @@ def test_demo_writes_every_stage(demo):
         assert (p/'explain'/'best_worst.csv').exists()
     assert any((p/'confound'/'confounding.csv').exists() for p in runs)
     assert (out/'audit'/'audit.csv').exists() and (out/'datasheet.md').exists()
+    assert 'Labels at scale' in html
+
+def test_demo_labels_at_scale(demo):
+    "Bulk labels for the images no model trained on: every image accounted for, the hidden labels filled, agreement high."
+    out, _ = demo
+    d = out/'labels'
+    bulk, table = pd.read_csv(d/'bulk_labels.csv', dtype=str), pd.read_csv(d/'label_table.csv', dtype=str, keep_default_na=False)
+    assert set(bulk.image_id) == set(table.image_id) and (bulk.status == 'ok').mean() > 0.95
+    ag = json.loads((d/'bulk_labels.csv.agreement.json').read_text())
+    missing = (table.race_student == '').sum()
+    assert ag['n'] >= 0.9 * (len(table) - missing) and 0.2 * len(table) < missing < 0.4 * len(table)
+    assert ag['accuracy'] > 0.8 and ag['kappa']['ci_low'] > 0.5, ag     # race is rendered as skin tone: easy to learn
+    cov = pd.read_csv(d/'bulk_labels.csv.coverage.csv').set_index('threshold')
+    assert cov.loc[0.5, 'n_filled'] >= 0.9 * missing
 
 def _bh_gaps(audit, source):
     "Accuracy gaps of BH against each other subgroup on the pooled test set of `source` (value = BH − other)."
