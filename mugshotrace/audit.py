@@ -159,6 +159,16 @@ def _boot_ece_sums(conf, correct, cells, n_cells, n_bins, B, rng, chunk=250):
         out[b0:b0 + b] = np.bincount(key, weights=w0[pick].ravel(), minlength=b*n_cells*n_bins).reshape(b, -1)
     return out.reshape(B, n_cells, n_bins)
 
+def _null_ece_sums(conf, cells, n_cells, n_bins, B, rng, chunk=250):
+    "Per-cell, per-bin sums of `correct − conf` for a perfectly calibrated model (`correct ~ Bernoulli(conf)`): `(B, cells, bins)`."
+    key0 = cells*n_bins + confidence_bins(conf, n_bins); N = len(conf); out = np.empty((B, n_cells*n_bins))
+    for b0 in range(0, B, chunk):
+        b = min(chunk, B - b0)
+        w = (rng.random((b, N)) < conf) - conf
+        key = (np.arange(b)[:, None]*(n_cells*n_bins) + key0[None]).ravel()
+        out[b0:b0 + b] = np.bincount(key, weights=w.ravel(), minlength=b*n_cells*n_bins).reshape(b, -1)
+    return out.reshape(B, n_cells, n_bins)
+
 def disaggregate(y_true, # true class per sample (names or codes)
                  y_pred, # predicted class per sample
                  groups:pd.DataFrame, # one column per attribute (e.g. race, ethnicity, group)
@@ -196,10 +206,18 @@ def disaggregate(y_true, # true class per sample (names or codes)
         if n_boot:
             bs = np.einsum('gc,bck->bgk', M, _boot_ece_sums(conf, correct, cells, nc, n_bins, n_boot, rng))
             boot['ece'] = _ratio(np.abs(bs).sum(-1), (M @ np.bincount(cells, minlength=nc))[None])
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore', RuntimeWarning); values['ece_debiased'] = np.maximum(0, 2*values['ece'] - np.nanmean(boot['ece'], 0))
+            nulls = np.einsum('gc,bck->bgk', M, _null_ece_sums(conf, cells, nc, n_bins, n_boot, np.random.default_rng([seed, 7])))
+            boot['ece_noise_floor'] = _ratio(np.abs(nulls).sum(-1), (M @ np.bincount(cells, minlength=nc))[None])
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore', RuntimeWarning); values['ece_noise_floor'] = np.nanmean(boot['ece_noise_floor'], 0)
     g['n'] = cm.sum((1, 2)); g['small'] = g.n < min_n
     rows = []
     for m, v in values.items():
         if m in counts and interval != 'bootstrap': lo, hi = proportion_interval(*counts[m], interval, alpha)
+        elif m == 'ece_debiased':   # basic bootstrap interval, clipped at zero
+            qlo, qhi = percentile_interval(boot['ece'], alpha); lo, hi = np.maximum(0, 2*values['ece'] - qhi), np.maximum(0, 2*values['ece'] - qlo)
         elif m in boot: lo, hi = percentile_interval(boot[m], alpha)
         else: lo = hi = np.full(len(g), np.nan)
         n = counts[m][1] if m in counts else g.n.to_numpy()
