@@ -287,7 +287,7 @@ def label_images(model, # a bundle folder, or a `Labeler`
 
 # %% ../nbs/50_labeling.ipynb #d55720a3
 def cohen_kappa_ci(a, b, alpha:float=0.05)->tuple[float, float, float]:
-    "Cohen's kappa of two label vectors with a large-sample (1-alpha) interval."
+    "Cohen's kappa of two label vectors with a large-sample (1-alpha) interval (clipped to kappa's range [-1, 1])."
     from scipy.stats import norm
     a, b = pd.Series(np.asarray(a, dtype=object)), pd.Series(np.asarray(b, dtype=object))
     cats = sorted(set(a) | set(b)); n = len(a)
@@ -296,7 +296,7 @@ def cohen_kappa_ci(a, b, alpha:float=0.05)->tuple[float, float, float]:
     k = (po - pe) / (1 - pe) if pe < 1 else 1.0
     se = math.sqrt(po * (1 - po) / (n * (1 - pe) ** 2)) if pe < 1 else 0.0
     z = norm.ppf(1 - alpha / 2)
-    return k, k - z * se, k + z * se
+    return k, max(-1.0, k - z * se), min(1.0, k + z * se)
 
 def _joined(preds, labels, id_col, label_col, group_col):
     p = pd.read_csv(preds, dtype={id_col: str}, keep_default_na=False) if not isinstance(preds, pd.DataFrame) else preds

@@ -231,3 +231,10 @@ def test_face_variant_from_raw_images_gives_typed_statuses(tmp_path):
     assert s['n'] == 3 and df.loc['hopper', 'status'] == 'ok' and df.loc['hopper', 'Prediction'] in CLASSES
     assert df.loc['blank', 'status'] == 'no_face' and np.isnan(df.loc['blank', 'Black_Prob'])
     assert df.loc['notes', 'status'] in ('decode_error', 'unsupported') and isinstance(df.loc['notes', 'reason'], str)
+
+
+def test_kappa_interval_stays_in_range():
+    "Near-perfect agreement: the large-sample interval would pass 1; it is clipped to kappa's range."
+    from mugshotrace.labeling import cohen_kappa_ci
+    k, lo, hi = cohen_kappa_ci(['a'] * 50 + ['b'] * 49 + ['a'], ['a'] * 50 + ['b'] * 50)
+    assert 0.9 < k < 1 and lo < k and hi == 1.0
