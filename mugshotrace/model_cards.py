@@ -11,12 +11,13 @@ import html, json, math, datetime
 from pathlib import Path
 import numpy as np
 import pandas as pd
-from .core import UserError, read_json, write_json, write_text
+from .core import UserError, read_json, write_json, write_text, save_figure
 
 # %% auto #0
 __all__ = ['AUDIT_COLUMNS', 'CONFOUND_COLUMNS', 'ETHICS', 'CARD_TABLE_METRICS', 'CARD_CSS', 'DATASHEET_QUESTIONS', 'find_runs',
            'load_audit', 'load_confounding', 'performance_metrics', 'interpretation_notes', 'model_card',
-           'example_study', 'card_sections', 'card_markdown', 'card_html', 'write_model_card', 'datasheet_markdown']
+           'example_study', 'card_sections', 'card_figure', 'card_markdown', 'card_html', 'write_model_card',
+           'datasheet_markdown']
 
 # %% ../nbs/61_model_cards.ipynb #773fe1bf
 AUDIT_COLUMNS = ('run_id', 'arch', 'variant', 'label_source', 'task', 'test_set', 'group', 'metric', 'value',
@@ -240,11 +241,29 @@ def card_sections(card:dict)->list[tuple[str, list]]:
         ('Caveats and recommendations', [x['description'] for x in c['limitations'] + c['tradeoffs']]),
     ]
 
-def card_markdown(card:dict)->str:
+def card_figure(card:dict, metric:str='accuracy'):
+    "A matplotlib Figure of the card's `metric` per test set and group with 95% intervals (None if it has none)."
+    from matplotlib.figure import Figure
+    rows = [(m['slice'].split(' | ')[0].split('=', 1)[-1], m['slice'].split(' | ')[1].split('=', 1)[-1], m['value'],
+             m['confidence_interval']['lower_bound'], m['confidence_interval']['upper_bound'])
+            for m in card['quantitative_analysis']['performance_metrics'] if m['type'] == metric and m['value'] is not None]
+    if not rows: return None
+    rows = rows[::-1]; y = np.arange(len(rows)); v = np.array([r[2] for r in rows], float)
+    lo = np.array([np.nan if r[3] is None else r[3] for r in rows], float); hi = np.array([np.nan if r[4] is None else r[4] for r in rows], float)
+    fig = Figure(figsize=(6, 0.8 + 0.24 * len(rows))); ax = fig.subplots()
+    ax.errorbar(v, y, xerr=[np.nan_to_num(v - lo).clip(0), np.nan_to_num(hi - v).clip(0)], fmt='o', ms=4, capsize=2, color='#1f5fa8')
+    ax.set_yticks(y, [f'{t} · {g}' for t, g, *_ in rows], fontsize=7); ax.set_xlim(0, 1); ax.grid(axis='x', alpha=.3)
+    ax.set_xlabel(f'{metric} (95% interval)', fontsize=8); ax.set_title(card['model_details']['name'], fontsize=9)
+    fig.tight_layout()
+    return fig
+
+def card_markdown(card:dict, figure:str|None=None # file name of `card_figure`'s PNG beside the card
+                 )->str:
     "The card as Markdown (Mitchell et al. 2019 sections)."
     out = [f"# Model card: {card['model_details']['name']}", '']
     for title, items in card_sections(card):
         out += [f'## {title}', '']
+        if title == 'Quantitative analyses' and figure: out += [f'![accuracy per test set and group, 95% intervals]({figure})', '']
         for it in items:
             out += ([f'**{it[0]}**', '', _md_table(it[1], 'group'), ''] if isinstance(it, tuple) else [f'- {it}' if title != 'Model details' else it, ''])
     return '\n'.join(out)
@@ -253,13 +272,18 @@ CARD_CSS = ('body{font-family:system-ui,sans-serif;max-width:60em;margin:2em aut
             'table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .6em;font-size:.9em}'
             'th{background:#f3f3f3}h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ddd}')
 
-def card_html(card:dict)->str:
+def card_html(card:dict, figure=None # PNG of `card_figure` to embed (path)
+             )->str:
     "The card as one self-contained HTML page."
+    import base64
     e = html.escape
     out = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{e(card['model_details']['name'])}</title>"
            f"<style>{CARD_CSS}</style></head><body><h1>Model card: {e(card['model_details']['name'])}</h1>"]
     for title, items in card_sections(card):
         out.append(f'<h2>{e(title)}</h2>')
+        if title == 'Quantitative analyses' and figure:
+            out.append("<img style='max-width:100%' alt='accuracy per test set and group with 95% intervals' src='data:image/png;base64,"
+                       + base64.b64encode(Path(figure).read_bytes()).decode('ascii') + "'>")
         for it in items:
             if isinstance(it, tuple):
                 out.append(f'<h3>{e(it[0])}</h3>' + it[1].rename_axis('group').reset_index().to_html(index=False, border=0, na_rep='', classes='metrics'))
@@ -269,8 +293,9 @@ def card_html(card:dict)->str:
 def write_model_card(run, audit:pd.DataFrame, confounding:pd.DataFrame|None=None, **kw)->dict:
     "Write `model_card.json`, `.md` and `.html` into the run folder; return their paths."
     run = Path(run); card = model_card(run, audit, confounding, **kw)
-    return {'json': write_json(run/'model_card.json', card), 'md': write_text(run/'model_card.md', card_markdown(card)),
-            'html': write_text(run/'model_card.html', card_html(card))}
+    fig = card_figure(card); png = save_figure(fig, run/'model_card_accuracy.png') if fig is not None else None
+    return {'json': write_json(run/'model_card.json', card), 'md': write_text(run/'model_card.md', card_markdown(card, png and png.name)),
+            'html': write_text(run/'model_card.html', card_html(card, png)), 'figure': png}
 
 # %% ../nbs/61_model_cards.ipynb #fe38e1ca
 DATASHEET_QUESTIONS = {

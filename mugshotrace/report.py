@@ -226,7 +226,8 @@ def study_report(run_dir, # the study folder (run folders, audit table, stage ou
             if 'cache' in f.parts: continue
             extra.append(f"<h3>{e(rel(f))}</h3>" + _table_html(pd.read_csv(f).head(40).round(4)))
     if extra: sec.append(('stages', 'Other results of the audit, interpretation and confounding stages (first 40 rows)', ''.join(extra)))
-    figs = [p for p in sorted(root.rglob('*.png')) if out.parent/'report_assets' not in p.parents][:max_figures]
+    figs = [p for p in sorted(root.rglob('*.png')) if out.parent/'report_assets' not in p.parents
+            and not p.name.startswith('model_card')][:max_figures]   # the cards' own figures live in the cards
     if figs:
         items = []
         for p in figs:
