@@ -61,7 +61,7 @@ def design_factor_effects(af:AuditFrame, # the self-audit (its `runs` carry the 
         if outcomes is not None and metric == 'accuracy':
             # the same likelihood on one row per prediction (same estimates as the cell counts), with a sandwich
             # covariance clustered by image: every run predicts the same held-out images, often several times
-            cell = t.merge(d[['group'] + fs].reset_index(), on=['group'] + fs)['index'].to_numpy()
+            cell = t.merge(d[['group'] + fs].reset_index(), on=['group'] + fs, how='left')['index'].to_numpy()   # t's row order
             res = sm.GLM(t.k.to_numpy(), X[cell], family=sm.families.Binomial()).fit(
                 cov_type='cluster', cov_kwds={'groups': pd.factorize(t.image_id)[0]})
         else: res = sm.GLM(y, X, family=sm.families.Binomial()).fit()

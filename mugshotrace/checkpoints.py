@@ -26,7 +26,6 @@ def _plain(v):
     if isinstance(v, dict): return {k: _plain(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)) or type(v).__name__ == 'L': return [_plain(x) for x in v]
     if isinstance(v, np.generic): return v.item()
-    if hasattr(v, 'item') and getattr(v, 'numel', lambda: 2)() == 1: return v.item()
     return v
 
 def _opt_state(opt)->tuple[dict, dict]:

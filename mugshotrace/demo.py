@@ -169,7 +169,8 @@ def add_demo_parser(subparsers):
         description='Run the whole pipeline on the built-in semi-synthetic face benchmark at CPU scale: make the benchmark '
                     '(court labels of Black Hispanic people flipped at a known rate), preprocess faces, train a small grid of '
                     'CNNs on court and student labels, self-audit every model on every disaggregated test set with intervals, '
-                    'explain the best/worst images, run the xGEMs confounding probe, and write model cards and one HTML report. '
+                    'explain the best/worst images, run the xGEMs confounding probe, bulk-label the images no model trained on (agreement '
+                    'with their labels, hidden ones filled), and write model cards and one HTML report. '
                     'Re-running the same command resumes; finished stages are skipped.')
     p.add_argument('--out', default='mugshotrace_demo', metavar='DIR', help='study folder to write (default: ./mugshotrace_demo)')
     p.add_argument('--quick', action='store_true', help='smaller benchmark, one architecture, one variant (a few minutes on 2 CPU cores)')

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 import numpy as np
 from PIL import Image
-from .core import ImageError
+from .core import ImageError, torch_device
 from .faces_align import FaceCrop
 
 # %% auto #0
@@ -20,9 +20,8 @@ __all__ = ['default_device', 'mtcnn_model', 'detect_face_batched', 'mtcnn_detect
 
 # %% ../nbs/12_faces_mtcnn.ipynb #12bd8a81
 def default_device()->str:
-    "'cuda' when a GPU is visible to torch, else 'cpu'."
-    import torch
-    return 'cuda' if torch.cuda.is_available() else 'cpu'
+    "'cuda' when a GPU is visible to torch, else 'cpu' (`core.torch_device`'s default, as a string)."
+    return torch_device().type
 
 @lru_cache(maxsize=4)
 def mtcnn_model(device:str|None=None, # torch device (None: `default_device()`)
