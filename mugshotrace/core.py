@@ -14,10 +14,12 @@ import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # %% auto #0
-__all__ = ['IMAGE_STATUSES', 'POOL_PRELOAD', 'UserError', 'seed_everything', 'seed_worker', 'torch_device', 'atomic_write',
-           'write_text', 'write_bytes', 'write_json', 'read_json', 'write_csv', 'save_figure', 'sha256_bytes',
-           'sha256_file', 'stable_hash', 'ImageError', 'ImageInfo', 'load_rgb', 'RunPaths', 'run_paths', 'package_data',
-           'sample_face_photos', 'dlib_model_path', 'environment_info', 'process_pool_context',
+__all__ = ['PRIVATE_FILE_MODE', 'FIGURES_MANIFEST', 'SYNTH_MARKER', 'STUDY_RECORD', 'IMAGE_STATUSES', 'POOL_PRELOAD', 'UserError',
+           'seed_everything', 'seed_worker', 'torch_device', 'atomic_write', 'write_text', 'write_bytes', 'write_json',
+           'read_json', 'write_csv', 'sha256_bytes', 'sha256_file', 'stable_hash', 'register_figure',
+           'registered_figures', 'save_figure', 'mark_synthetic', 'is_marked_synthetic', 'write_study_record',
+           'read_study_record', 'study_is_synthetic', 'ImageError', 'ImageInfo', 'load_rgb', 'RunPaths', 'run_paths',
+           'package_data', 'sample_face_photos', 'dlib_model_path', 'environment_info', 'process_pool_context',
            'start_process_pool_server']
 
 # %% ../nbs/00_core.ipynb #39628bb3
@@ -58,14 +60,19 @@ def torch_device(device=None # 'cpu', 'cuda', 'cuda:N', a `torch.device`, or Non
 # %% ../nbs/00_core.ipynb #b8026fe5
 _UMASK = os.umask(0); os.umask(_UMASK)
 
+PRIVATE_FILE_MODE = 0o600   # owner-only: files that may show a face or describe real people's data
+
 @contextlib.contextmanager
 def atomic_write(path, # the final file
                  mode:str='w', # 'w' for text, 'wb' for bytes
-                 encoding:str|None='utf-8'):
+                 encoding:str|None='utf-8',
+                 private:bool=False # owner-only permissions (`PRIVATE_FILE_MODE`) instead of what the umask gives
+                ):
     "Context manager yielding a temp file that replaces `path` atomically on success (and vanishes on error)."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    os.chmod(tmp, 0o666 & ~_UMASK)   # mkstemp makes 0600 files; give them the permissions a plain open() would
+    # mkstemp makes 0600 files; give them the permissions a plain open() would, unless the file is private
+    os.chmod(tmp, PRIVATE_FILE_MODE if private else 0o666 & ~_UMASK)
     try:
         with os.fdopen(fd, mode, **({} if 'b' in mode else {'encoding': encoding, 'newline': ''})) as f:
             yield f
@@ -75,14 +82,14 @@ def atomic_write(path, # the final file
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
         raise
 
-def write_text(path, text:str)->Path:
-    "Write `text` to `path` atomically."
-    with atomic_write(path) as f: f.write(text)
+def write_text(path, text:str, private:bool=False)->Path:
+    "Write `text` to `path` atomically (owner-only when `private`)."
+    with atomic_write(path, private=private) as f: f.write(text)
     return Path(path)
 
-def write_bytes(path, data:bytes)->Path:
-    "Write `data` to `path` atomically."
-    with atomic_write(path, 'wb') as f: f.write(data)
+def write_bytes(path, data:bytes, private:bool=False)->Path:
+    "Write `data` to `path` atomically (owner-only when `private`)."
+    with atomic_write(path, 'wb', private=private) as f: f.write(data)
     return Path(path)
 
 def _json_default(o):
@@ -93,32 +100,18 @@ def _json_default(o):
     if hasattr(o, '__dataclass_fields__'): return asdict(o)
     raise TypeError(f'not JSON serialisable: {type(o)}')
 
-def write_json(path, obj, indent:int=2)->Path:
+def write_json(path, obj, indent:int=2, private:bool=False)->Path:
     "Write `obj` as JSON (numpy, Path and dataclasses allowed) to `path` atomically."
-    return write_text(path, json.dumps(obj, indent=indent, default=_json_default, sort_keys=False) + '\n')
+    return write_text(path, json.dumps(obj, indent=indent, default=_json_default, sort_keys=False) + '\n', private=private)
 
 def read_json(path):
     "Read a JSON file."
     return json.loads(Path(path).read_text(encoding='utf-8'))
 
-def write_csv(path, df:pd.DataFrame, **kwargs)->Path:
+def write_csv(path, df:pd.DataFrame, private:bool=False, **kwargs)->Path:
     "Write a DataFrame as CSV (no index) to `path` atomically."
-    with atomic_write(path) as f: df.to_csv(f, index=False, lineterminator='\n', **kwargs)
+    with atomic_write(path, private=private) as f: df.to_csv(f, index=False, lineterminator='\n', **kwargs)
     return Path(path)
-
-# %% ../nbs/00_core.ipynb #979ab7b2
-def save_figure(fig, # a matplotlib Figure
-                path, # the file; the format follows its suffix (png by default)
-                dpi:int=120, # resolution
-                close:bool=False # also close the figure in pyplot (figures made with `plt.subplots`)
-               )->Path:
-    "Render a matplotlib figure and write it to `path` atomically."
-    import io
-    buf = io.BytesIO(); fig.savefig(buf, format=Path(path).suffix.lstrip('.') or 'png', dpi=dpi, bbox_inches='tight')
-    if close:
-        import matplotlib.pyplot as plt
-        plt.close(fig)
-    return write_bytes(path, buf.getvalue())
 
 # %% ../nbs/00_core.ipynb #1b4b9986
 def sha256_bytes(data:bytes)->str:
@@ -135,6 +128,104 @@ def sha256_file(path, chunk:int=1<<20)->str:
 def stable_hash(obj, n:int=12)->str:
     "Short, stable hash of a JSON-serialisable object (key order does not matter)."
     return sha256_bytes(json.dumps(obj, sort_keys=True, default=_json_default).encode())[:n]
+
+# %% ../nbs/00_core.ipynb #72ea7305
+FIGURES_MANIFEST = 'figures.json'
+
+def register_figure(path, # the figure file (already written)
+                    may_show_face:bool=True, # the figure may show a face (photo, crop, saliency over a face, counterfactual)
+                    caption:str='' # one line for the report
+                   )->Path:
+    "Record `path` in the `figures.json` of its folder (name, sha256, face flag, caption) and return the manifest."
+    from filelock import FileLock
+    path = Path(path); man = path.parent/FIGURES_MANIFEST
+    with FileLock(str(man) + '.lock'):
+        figs = read_json(man).get('figures', {}) if man.exists() else {}
+        figs[path.name] = {'sha256': sha256_file(path), 'may_show_face': bool(may_show_face), 'caption': str(caption)}
+        write_json(man, {'figures': dict(sorted(figs.items()))})
+    return man
+
+def registered_figures(root # a folder searched recursively for `figures.json`
+                      )->pd.DataFrame:
+    "Registered figures under `root`: `file` (absolute), `may_show_face`, `caption`, `status` ('ok', 'missing', 'changed')."
+    rows = []
+    for man in sorted(Path(root).rglob(FIGURES_MANIFEST)):
+        try: figs = read_json(man).get('figures', {})
+        except (ValueError, OSError, AttributeError): continue
+        if not isinstance(figs, dict): continue
+        for name, e in figs.items():
+            f = man.parent/str(name)
+            ok_name = Path(str(name)).name == str(name) and isinstance(e, dict)
+            status = ('changed' if not ok_name else 'missing' if not f.is_file()
+                      else 'ok' if sha256_file(f) == e.get('sha256') else 'changed')
+            rows.append({'file': str(f), 'may_show_face': (e.get('may_show_face') is not False) if ok_name else True,
+                         'caption': str(e.get('caption', '')) if ok_name else '', 'status': status})
+    return pd.DataFrame(rows, columns=['file', 'may_show_face', 'caption', 'status'])
+
+def save_figure(fig, # a matplotlib Figure
+                path, # the file; the format follows its suffix (png by default)
+                dpi:int=120, # resolution
+                close:bool=False, # also close the figure in pyplot (figures made with `plt.subplots`)
+                may_show_face:bool=True, # the figure may show a face (fails closed: say False for plots of numbers)
+                caption:str='', # one line for the report
+                private:bool=False # owner-only file permissions
+               )->Path:
+    "Render a matplotlib figure, write it to `path` atomically and register it as a report figure."
+    import io
+    buf = io.BytesIO(); fig.savefig(buf, format=Path(path).suffix.lstrip('.') or 'png', dpi=dpi, bbox_inches='tight')
+    if close:
+        import matplotlib.pyplot as plt
+        plt.close(fig)
+    p = write_bytes(path, buf.getvalue(), private=private)
+    register_figure(p, may_show_face, caption)
+    return p
+
+# %% ../nbs/00_core.ipynb #af1d325a
+SYNTH_MARKER = 'mugshotrace-synthetic.json'
+STUDY_RECORD = 'study.json'
+
+def mark_synthetic(folder, # the benchmark folder
+                   **info # what made it (config hash, version …), recorded in the marker
+                  )->Path:
+    "Write the explicit marker that says the data in `folder` are the package's synthetic benchmark."
+    return write_json(Path(folder)/SYNTH_MARKER, {'synthetic': True, 'made_by': 'mugshotrace.synth', **info})
+
+def is_marked_synthetic(path # a data folder, or a file in it (a label table)
+                       )->bool:
+    "Whether `path` (or the folder of the file `path`) carries the synthetic-benchmark marker."
+    p = Path(path); folder = p if p.is_dir() else p.parent
+    try: return read_json(folder/SYNTH_MARKER).get('synthetic') is True
+    except (OSError, ValueError, AttributeError): return False
+
+def write_study_record(folder, # the study folder (holds the runs folder)
+                       name:str, # the study's name
+                       labels_table, # the label table (file)
+                       images, # the images root
+                       preprocessed, # the preprocessing output root
+                       **extra # further resolved settings to record
+                      )->dict:
+    "Write `study.json`: the resolved data paths and whether the data are synthetic (both carry the marker)."
+    rec = {'name': str(name), 'data': {'labels_table': str(labels_table), 'images': str(images),
+                                       'preprocessed': str(preprocessed)},
+           'synthetic': bool(is_marked_synthetic(labels_table) and is_marked_synthetic(images)), **extra}
+    write_json(Path(folder)/STUDY_RECORD, rec)
+    return rec
+
+def read_study_record(folder)->dict|None:
+    "The `study.json` of a study folder, or None."
+    p = Path(folder)/STUDY_RECORD
+    try: r = read_json(p)
+    except (OSError, ValueError): return None
+    return r if isinstance(r, dict) else None
+
+def study_is_synthetic(folder # a study folder, its runs folder, or a run folder
+                      )->bool:
+    "Whether the study that `folder` belongs to was recorded as built from the synthetic benchmark (fails closed)."
+    p = Path(folder).resolve()
+    for d in (p, p.parent, p.parent.parent):   # the study folder, a runs folder in it, a run folder in that
+        r = read_study_record(d)
+        if r is not None: return r.get('synthetic') is True
+    return False
 
 # %% ../nbs/00_core.ipynb #6e320708
 IMAGE_STATUSES = ('ok', 'no_face', 'decode_error', 'unsupported', 'too_small', 'missing')
