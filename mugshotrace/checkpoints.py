@@ -1,5 +1,6 @@
 """Epoch checkpoints for training runs: a run killed in the middle of training resumes after its last finished epoch
-and ends with exactly the weights an uninterrupted run would have.
+and ends with exactly the weights an uninterrupted run would have on the CPU (on a GPU: the same epochs, equal up
+to the GPU's nondeterminism).
 
 Docs: https://mugshotrace.github.io/mugshotrace/checkpoints.html.md"""
 
@@ -14,7 +15,8 @@ from fastai.callback.core import Callback
 from .core import write_bytes, write_json, read_json
 
 # %% auto #0
-__all__ = ['save_checkpoint', 'read_checkpoint', 'restore_weights', 'restore_training_state', 'EpochCheckpoint', 'fit_phases']
+__all__ = ['save_checkpoint', 'read_checkpoint', 'check_resume_environment', 'restore_weights', 'restore_training_state',
+           'EpochCheckpoint', 'fit_phases']
 
 # %% ../nbs/37_checkpoints.ipynb #5b119cdc
 def _jsonable_rng(state):
@@ -71,6 +73,19 @@ def read_checkpoint(folder, # the checkpoint folder (may not exist)
     except ValueError: return None
     if info.get('key') != key or not all((Path(folder)/f).exists() for f in info.get('files', {}).values()): return None
     return {**info, 'folder': str(folder)}
+
+def check_resume_environment(ck:dict, # a checkpoint from `read_checkpoint`
+                             device:str, # the device type training continues on ('cpu', 'cuda', 'mps')
+                             precision:str, # the precision it continues in ('fp32', 'fp16', 'bf16')
+                             force:bool=False # accept a different device type or precision
+                            )->None:
+    "Raise `UserError` when `ck` was made on another device type or precision (or does not say), unless `force`."
+    have = (ck.get('device'), ck.get('precision'))
+    if have == (device, precision) or force: return
+    from mugshotrace.core import UserError
+    made = f'{have[0]}/{have[1]}' if all(have) else 'an unrecorded device/precision'
+    raise UserError(f'the checkpoint in {ck.get("folder")} was made on {made}; resuming on {device}/{precision} would not '
+                    f'reproduce the run: resume where it was made, or force it (force_resume=True, mugshotrace run --force-resume)')
 
 def restore_weights(learn, ck:dict):
     "Load the checkpoint's weights into `learn.model` (on whatever device it is)."

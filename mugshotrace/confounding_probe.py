@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from .core import (seed_everything, UserError, write_csv, write_json, write_bytes, read_json, stable_hash, save_figure,
-                              load_rgb, ImageError, environment_info, torch_device)
+                              load_rgb, ImageError, environment_info, torch_device, study_is_synthetic)
 from .confounding import (ConfoundConfig, ConvAutoencoder, SmallCNN, train_autoencoder, train_classifier,
                                      reconstruction_quality, latent_counterfactuals, fit_oracle_calibration,
                                      oracle_error_table, equalized_odds_gap, attribute_flips, confounding_table,
@@ -329,7 +329,9 @@ def confound_run(run_dir, # a finished run folder (model bundle + preds/)
     write_csv(out/'confounding.csv', tab)
     write_csv(out/'counterfactuals.csv', pd.concat([pool.loc[pr, ['image_id']].reset_index(drop=True), res.images], axis=1))
     write_csv(out/'oracle.csv', oracle.table)
-    if figures: save_figure(plot_counterfactual_paths(ae, res, bb, oracle, x[pr], title=f'{run_id}: xGEM paths'), out/'paths.png', close=True)
+    if figures:   # counterfactual faces: registered as a face figure, owner-only unless the study record says synthetic
+        save_figure(plot_counterfactual_paths(ae, res, bb, oracle, x[pr], title=f'{run_id}: xGEM paths'), out/'paths.png', close=True,
+                    may_show_face=True, private=not study_is_synthetic(run_dir), caption='xGEM counterfactual paths')
     summary = {'key': key, 'run_id': run_id, 'attribute': attribute, 'config': asdict(cfg), 'n_pool': len(pool), 'n_probe': int(n_probe),
                'reconstruction': reconstruction_quality(ae, x[pr], x[rest].mean(0)), 'oracle': oracle.summary,
                'probe': res.summary, 'calibration': oracle.calibration.to_dict(), 'device': str(dev),

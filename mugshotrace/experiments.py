@@ -6,7 +6,7 @@ Docs: https://mugshotrace.github.io/mugshotrace/experiments.html.md"""
 
 # %% ../nbs/35_experiments.ipynb #d3c3e860
 from __future__ import annotations
-import fnmatch, itertools, json, os, sys, time
+import fnmatch, itertools, json, os, re, sys, time
 from dataclasses import dataclass, field, asdict, fields, replace
 from pathlib import Path
 import pandas as pd
@@ -14,9 +14,10 @@ from .core import UserError, stable_hash, sha256_file, read_json, write_json
 from .models import PHASE1_ARCHS, PHASE2_ARCHS, get_arch
 
 # %% auto #0
-__all__ = ['TASKS', 'SAMPLINGS', 'INVERTS', 'PRECISIONS', 'BUILTIN_GRIDS', 'RunConfig', 'expand_grid', 'StudyData', 'Study',
-           'load_study', 'manifest_path', 'prepare_variants', 'fingerprint_configs', 'select_runs', 'SubmititRun',
-           'run_grid', 'runs_frame', 'results_table', 'add_run_parser']
+__all__ = ['TASKS', 'SAMPLINGS', 'INVERTS', 'PRECISIONS', 'BUILTIN_GRIDS', 'EXECUTOR_OPTIONS', 'RUNTIME_PREPROCESS_OPTIONS',
+           'RunConfig', 'expand_grid', 'StudyData', 'Study', 'check_executor_options', 'load_study', 'manifest_path',
+           'preprocess_options', 'variant_options', 'check_variant', 'prepare_variants', 'fingerprint_configs',
+           'select_runs', 'SubmititRun', 'run_grid', 'runs_frame', 'results_table', 'add_run_parser']
 
 # %% ../nbs/35_experiments.ipynb #e2f7333a
 TASKS = ('race2', 'race_eth4')
@@ -117,6 +118,32 @@ class Study:
     "A parsed study file: name, data, runs, runs root and executor options."
     name:str; data:StudyData; runs:tuple; runs_root:str; executor:dict
 
+_SAFE_TEXT = re.compile(r'[A-Za-z0-9_.,:=@%+/\-]*')   # no spaces, quotes, `;`, `$`, backticks or line breaks
+EXECUTOR_OPTIONS = {   # option -> type; everything else (setup lines, srun args, extra sbatch lines, python paths) is refused
+    'name': str, 'workers': int, 'cluster': str, 'timeout_min': int, 'mem_gb': float, 'nodes': int, 'cpus_per_task': int,
+    'gpus_per_node': int, 'tasks_per_node': int, 'stderr_to_stdout': bool,
+    'slurm_partition': str, 'slurm_account': str, 'slurm_qos': str, 'slurm_gres': str, 'slurm_constraint': str,
+    'slurm_exclude': str, 'slurm_nodelist': str, 'slurm_mem': str, 'slurm_mem_per_gpu': str, 'slurm_mem_per_cpu': str,
+    'slurm_cpus_per_gpu': int, 'slurm_gpus_per_task': int, 'slurm_array_parallelism': int, 'slurm_signal_delay_s': int,
+    'slurm_max_num_timeout': int, 'slurm_comment': str, 'slurm_job_name': str, 'slurm_mail_type': str, 'slurm_mail_user': str,
+}
+
+def check_executor_options(opts:dict, # executor options (a study file's `executor:` section, or `executor_opts`)
+                           where:str='executor options' # what to name in the error
+                          )->dict:
+    "The options if every key is in `EXECUTOR_OPTIONS` with a value of its type (plain text for strings); else `UserError`."
+    for k, v in opts.items():
+        want = EXECUTOR_OPTIONS.get(k)
+        if want is None:
+            raise UserError(f'{where}: executor option {k!r} is not allowed (it could run commands or is unknown); allowed: '
+                            f'{", ".join(sorted(EXECUTOR_OPTIONS))}; setup lines come only from `mugshotrace run --setup-command`')
+        ok = (isinstance(v, (int, float)) and not isinstance(v, bool)) if want is float else \
+             (isinstance(v, int) and not isinstance(v, bool)) if want is int else isinstance(v, want)
+        if v is not None and not ok: raise UserError(f'{where}: executor option {k!r} must be a {want.__name__}, not {v!r}')
+        if isinstance(v, str) and not _SAFE_TEXT.fullmatch(v):
+            raise UserError(f'{where}: executor option {k!r} has characters that are not allowed: {v!r}')
+    return opts
+
 def _abs(base:Path, p)->str|None: return None if p is None else str((base/str(p)).resolve()) if not Path(str(p)).is_absolute() else str(p)
 
 def load_study(study, # a YAML path, or the parsed dict
@@ -147,17 +174,45 @@ def load_study(study, # a YAML path, or the parsed dict
                      dict(dd.get('preprocess') or {}), _abs(base, dd.get('truth')))
     runs = tuple(expand_grid(d['grid'], **dict(d.get('train') or {})))
     ex = d.get('executor') or {}
-    return Study(str(d.get('name', 'study')), data, runs, _abs(base, d.get('runs', 'runs')), dict(ex) if isinstance(ex, dict) else {'name': ex})
+    ex = check_executor_options(dict(ex) if isinstance(ex, dict) else {'name': ex}, 'the study file')
+    return Study(str(d.get('name', 'study')), data, runs, _abs(base, d.get('runs', 'runs')), ex)
 
 # %% ../nbs/35_experiments.ipynb #365c0b39
 def manifest_path(data:StudyData, variant:str)->Path: return Path(data.preprocessed)/variant/'manifest.csv'
 
+RUNTIME_PREPROCESS_OPTIONS = ('workers', 'progress', 'shard', 'batch_size', 'device', 'private')   # how, not what: not in any hash
+
+def preprocess_options(data:StudyData, variant:str)->dict:
+    "The `faces.FaceOptions` (as JSON) the study asks for `variant`: everything that decides the crops."
+    from mugshotrace.faces import FaceOptions
+    opts = {k: v for k, v in data.preprocess.items() if k not in RUNTIME_PREPROCESS_OPTIONS}
+    bad = set(opts) - {f.name for f in fields(FaceOptions)}
+    if bad: raise UserError(f'unknown preprocessing option(s) in data.preprocess: {", ".join(sorted(bad))}')
+    return json.loads(json.dumps(asdict(FaceOptions(variant=variant, **opts))))
+
+def variant_options(data:StudyData, variant:str)->dict|None:
+    "The options the variant's crops were really made with (its `config.json`, written by `faces.preprocess`), or None."
+    try: o = read_json(Path(data.preprocessed)/variant/'config.json').get('options')
+    except (OSError, ValueError, AttributeError): return None
+    return o if isinstance(o, dict) else None
+
+def check_variant(data:StudyData, variant:str)->dict:
+    "The options of the variant's existing crops; `UserError` when they are missing or differ from the study's request."
+    want, have, vdir = preprocess_options(data, variant), variant_options(data, variant), Path(data.preprocessed)/variant
+    if not manifest_path(data, variant).exists(): raise UserError(f'no manifest for variant {variant!r} at {manifest_path(data, variant)}: preprocess it first')
+    if have is None: raise UserError(f'{vdir} has no config.json saying how its crops were made: preprocess into another `preprocessed:` folder')
+    if have != want:
+        diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+        raise UserError(f'the {variant} crops in {vdir} were made with other preprocessing options ({", ".join(diff)}) than the '
+                        f'study asks for: use another `preprocessed:` folder, or the options they were made with')
+    return have
+
 def prepare_variants(data:StudyData, # the study's data
                      variants # variants the grid needs
                     )->None:
-    "Run `faces.preprocess` for every variant whose manifest does not exist yet."
+    "Run `faces.preprocess` for every variant not preprocessed yet; check that existing crops match the study's options."
     for v in dict.fromkeys(variants):
-        if manifest_path(data, v).exists(): continue
+        if manifest_path(data, v).exists(): check_variant(data, v); continue
         from mugshotrace import faces
         from mugshotrace.labels import LabelSpec, load_labels
         table = load_labels(data.labels_table, LabelSpec.from_dict(data.label_spec))
@@ -168,17 +223,15 @@ def fingerprint_configs(configs, # RunConfigs
                         data:StudyData, # where their data are
                         prepare:bool=True # preprocess missing variants first
                        )->list[RunConfig]:
-    "The configs with `data_hash` set from the label table, the variant's manifest and any init weights file."
+    "The configs with `data_hash` set from the label table, the variant's manifest and options, and any init weights file."
     if prepare: prepare_variants(data, [c.variant for c in configs])
     if not Path(data.labels_table).is_file(): raise UserError(f'label table not found: {data.labels_table}')
     lab = sha256_file(data.labels_table); man = {}; out = []
     for c in configs:
-        if c.variant not in man:
-            mp = manifest_path(data, c.variant)
-            if not mp.exists(): raise UserError(f'no manifest for variant {c.variant!r} at {mp}: preprocess it first')
-            man[c.variant] = sha256_file(mp)
+        if c.variant not in man: man[c.variant] = (sha256_file(manifest_path(data, c.variant)), check_variant(data, c.variant))
         w = sha256_file(c.init) if c.init not in ('imagenet', 'random') and Path(c.init).is_file() else None
-        out.append(replace(c, data_hash=stable_hash({'labels': lab, 'manifest': man[c.variant], 'init': w, 'spec': data.label_spec}, n=16)))
+        out.append(replace(c, data_hash=stable_hash({'labels': lab, 'manifest': man[c.variant][0], 'preprocess': man[c.variant][1],
+                                                     'init': w, 'spec': data.label_spec}, n=16)))
     return out
 
 # %% ../nbs/35_experiments.ipynb #f716dad7
@@ -188,29 +241,59 @@ def select_runs(configs, only:str|None=None)->list[RunConfig]:
     pats = [p.strip() for p in only.split(',') if p.strip()]
     return [c for c in configs if any(fnmatch.fnmatch(c.name, p) or fnmatch.fnmatch(c.run_id, p) for p in pats)]
 
-def _local_worker(configs, data, runs_root, retry_failed, gpu):
+def _local_worker(cfg, data, runs_root, retry_failed, gpu, force_resume=False):
+    "One run in a fresh worker process (the target of `_run_local`'s processes)."
     if gpu is not None: os.environ['CUDA_VISIBLE_DEVICES'] = str(gpu)
     from mugshotrace.runner import run_one
-    return [run_one(c, data, runs_root, retry_failed=retry_failed) for c in configs]
+    run_one(cfg, data, runs_root, retry_failed=retry_failed, force_resume=force_resume)
 
-def _run_local(todo, data, runs_root, workers, retry_failed, progress):
+def _death_reason(code:int)->str:
+    import signal
+    if code < 0:
+        try: name = signal.Signals(-code).name
+        except ValueError: name = str(-code)
+        return f'the worker process died (signal {name}{", e.g. out of memory" if name == "SIGKILL" else ""})'
+    return f'the worker process exited with code {code} before the run finished'
+
+def _record_dead_worker(runs_root, cfg, reason:str)->None:
+    "Mark a run whose worker process died as failed (under its lock, which the dead process no longer holds)."
+    from mugshotrace.core import run_paths
+    from mugshotrace.runner import acquire_lock, release_lock, read_state, set_state
+    paths = run_paths(runs_root, cfg.run_id)
+    token = acquire_lock(paths)
+    if token is None: return                           # someone else is running it now: their state wins
+    try:
+        if read_state(runs_root, cfg.run_id).get('state') != 'done': set_state(paths, 'failed', error=f'WorkerDied: {reason}')
+    finally: release_lock(paths, token)
+
+def _run_local(todo, data, runs_root, workers, retry_failed, progress, force_resume=False):
     from mugshotrace.runner import run_one
     if workers <= 1:
         from tqdm.auto import tqdm
-        return [run_one(c, data, runs_root, retry_failed=retry_failed) for c in tqdm(todo, desc='runs', disable=not progress)]
+        return [run_one(c, data, runs_root, retry_failed=retry_failed, force_resume=force_resume)
+                for c in tqdm(todo, desc='runs', disable=not progress)]
     import multiprocessing as mp, torch
+    from multiprocessing.connection import wait
     ngpu = torch.cuda.device_count()
     ctx = mp.get_context('spawn')
-    with ctx.Pool(workers) as pool:
-        # every worker walks the whole list in its own rotation; the run locks make each run happen once
-        jobs = [pool.apply_async(_local_worker, (todo[i:] + todo[:i], data, runs_root, retry_failed, i % ngpu if ngpu else None))
-                for i in range(workers)]
-        outs = [j.get() for j in jobs]
-    best = {}
-    for res in outs:
-        for r in res:
-            if r['run_id'] not in best or r['action'] in ('done', 'failed'): best[r['run_id']] = r
-    return [best[c.run_id] for c in todo]
+    queue = [(c, retry_failed, 0) for c in todo]; slots = {}   # slot -> (process, config, tries)
+    while queue or slots:
+        for i in range(workers):
+            if i in slots or not queue: continue
+            c, retry, tries = queue.pop(0)
+            p = ctx.Process(target=_local_worker, args=(c, data, runs_root, retry, i % ngpu if ngpu else None, force_resume), daemon=False)
+            p.start(); slots[i] = (p, c, tries)
+        wait([p.sentinel for p, _, _ in slots.values()], timeout=5)
+        for i, (p, c, tries) in list(slots.items()):
+            if p.is_alive(): continue
+            p.join(); del slots[i]
+            if p.exitcode == 0: continue
+            reason = _death_reason(p.exitcode)
+            _record_dead_worker(runs_root, c, reason)
+            print(f'{c.name} ({c.run_id}): {reason}' + ('; retrying it once in a fresh worker' if tries == 0 else '; not retried again'), file=sys.stderr)
+            if tries == 0: queue.append((c, True, 1))
+    from mugshotrace.runner import read_state
+    return [{'run_id': c.run_id, 'action': read_state(runs_root, c.run_id).get('state', 'pending')} for c in todo]
 
 try:
     from submitit.helpers import Checkpointable as _Checkpointable
@@ -218,17 +301,20 @@ except ImportError: _Checkpointable = object
 
 class SubmititRun(_Checkpointable):
     "`runner.run_one` as a submitit callable that is requeued (same arguments) when SLURM pre-empts or times it out."
-    def __call__(self, cfg, data, runs_root, retry_failed=False):
+    def __call__(self, cfg, data, runs_root, retry_failed=False, force_resume=False):
         from mugshotrace.runner import run_one
-        return run_one(cfg, data, runs_root, retry_failed=retry_failed)
+        return run_one(cfg, data, runs_root, retry_failed=retry_failed, force_resume=force_resume)
 
-def _run_submitit(todo, data, runs_root, retry_failed, opts):
+def _run_submitit(todo, data, runs_root, retry_failed, opts, setup_commands=(), force_resume=False):
     import submitit
-    opts = dict(opts); cluster = opts.pop('cluster', None); opts.pop('name', None); opts.pop('workers', None)
+    opts = dict(check_executor_options(dict(opts)))
+    cluster = opts.pop('cluster', None); opts.pop('name', None); opts.pop('workers', None)
     opts.setdefault('timeout_min', 12 * 60)   # submitit's default (5 min) would kill almost any training run
+    if setup_commands: opts.update(slurm_setup=list(setup_commands), local_setup=list(setup_commands))   # only from the caller
     ex = submitit.AutoExecutor(folder=Path(runs_root)/'_submitit'/'%j', cluster=cluster)
     ex.update_parameters(**opts)
-    jobs = ex.map_array(SubmititRun(), todo, [data]*len(todo), [runs_root]*len(todo), [retry_failed]*len(todo))
+    n = len(todo)
+    jobs = ex.map_array(SubmititRun(), todo, [data]*n, [runs_root]*n, [retry_failed]*n, [force_resume]*n)
     print(f"submitted {len(jobs)} job(s): {', '.join(str(j.job_id) for j in jobs[:5])}{' …' if len(jobs) > 5 else ''}", file=sys.stderr)
     out = []
     for c, j in zip(todo, jobs):
@@ -244,10 +330,13 @@ def run_grid(study_or_configs, # a study file/dict/`Study`, or a list of RunConf
              only:str|None=None, # glob on run names or ids
              retry_failed:bool=False, # run failed runs again
              data:StudyData|None=None, # the data, when `study_or_configs` is a list of configs
-             executor_opts:dict|None=None, # extra submitit options (cluster, slurm_partition, timeout_min, …)
+             executor_opts:dict|None=None, # extra submitit options (`EXECUTOR_OPTIONS`: cluster, slurm_partition, timeout_min, …)
+             setup_commands=(), # shell lines run before each submitit job (`module load …`); never from a study file
+             force_resume:bool=False, # resume checkpoints made on another device type or precision
              progress:bool=True)->pd.DataFrame:
     "Run every pending run of a grid (resumably) and return one row per selected run with its state."
     from mugshotrace.runner import read_state, write_config
+    st = None
     if isinstance(study_or_configs, (list, tuple)):
         if data is None: raise UserError('run_grid with a list of configs needs `data=`')
         configs, ex_opts = list(study_or_configs), {}
@@ -255,7 +344,8 @@ def run_grid(study_or_configs, # a study file/dict/`Study`, or a list of RunConf
         st = load_study(study_or_configs); configs, data, ex_opts = list(st.runs), st.data, dict(st.executor)
         runs_root = runs_root or st.runs_root
     if runs_root is None: raise UserError('no runs folder given')
-    ex_opts.update(executor_opts or {})
+    ex_opts.update(check_executor_options(dict(executor_opts or {})))
+    setup_commands = [str(c) for c in ([setup_commands] if isinstance(setup_commands, str) else setup_commands or ())]
     executor = executor or ex_opts.get('name', 'local')
     workers = int(workers or ex_opts.get('workers', 1))
     if executor not in ('local', 'submitit'): raise UserError(f"executor must be 'local' or 'submitit', not {executor!r}")
@@ -263,6 +353,10 @@ def run_grid(study_or_configs, # a study file/dict/`Study`, or a list of RunConf
     configs = fingerprint_configs(sel, data) if sel else select_runs(fingerprint_configs(configs, data), only)   # else by run_id
     if not configs: raise UserError(f'no run matches --only {only!r}')
     Path(runs_root).mkdir(parents=True, exist_ok=True)
+    if st is not None:   # the study folder holds the runs folder: record what data it is built from (synthetic or not)
+        from mugshotrace.core import write_study_record
+        write_study_record(Path(runs_root).resolve().parent, st.name, data.labels_table, data.images, data.preprocessed,
+                           runs=str(Path(runs_root).resolve()), preprocess={v: check_variant(data, v) for v in dict.fromkeys(c.variant for c in configs)})
     todo = []
     for c in configs:
         s = read_state(runs_root, c.run_id)
@@ -270,8 +364,8 @@ def run_grid(study_or_configs, # a study file/dict/`Study`, or a list of RunConf
         write_config(runs_root, c); todo.append(c)
     print(f'{len(configs)} run(s): {len(configs) - len(todo)} finished or failed, {len(todo)} to run ({executor})', file=sys.stderr)
     if todo:
-        if executor == 'local': _run_local(todo, data, runs_root, workers, retry_failed, progress)
-        else: _run_submitit(todo, data, runs_root, retry_failed, ex_opts)
+        if executor == 'local': _run_local(todo, data, runs_root, workers, retry_failed, progress, force_resume)
+        else: _run_submitit(todo, data, runs_root, retry_failed, ex_opts, setup_commands, force_resume)
     rows = []
     for c in configs:
         s = read_state(runs_root, c.run_id)
@@ -312,22 +406,30 @@ def _run_cmd(args)->int:
     opts = {}
     if args.cluster: opts['cluster'] = args.cluster
     df = run_grid(args.study, runs_root=args.runs, executor=args.executor, workers=args.workers, only=args.only,
-                  retry_failed=args.retry_failed, executor_opts=opts)
+                  retry_failed=args.retry_failed, executor_opts=opts, setup_commands=args.setup_command or (),
+                  force_resume=args.force_resume)
+    from mugshotrace.runner import launcher_rank
+    if launcher_rank() > 0: return 0          # a non-zero rank of a distributed launch: rank 0 reports
     print(df[['run_id', 'name', 'state']].to_string(index=False))
     runs_root = args.runs or load_study(args.study).runs_root
     try: print('\nvalidation accuracy\n' + results_table(runs_root).round(4).to_string())
     except UserError: pass
-    failed = df[df.state == 'failed']
+    failed, other = df[df.state == 'failed'], df[~df.state.isin(['done', 'failed'])]
     for _, r in failed.iterrows(): print(f"failed: {r['name']} ({r['run_id']}): {str(r['error']).splitlines()[-1] if r['error'] else ''}", file=sys.stderr)
+    for _, r in other.iterrows(): print(f"not done: {r['name']} ({r['run_id']}): {r['state']} (another worker may still be running it)", file=sys.stderr)
     if len(failed): print('re-run with --retry-failed to try the failed runs again', file=sys.stderr)
-    return 1 if len(failed) else 0
+    if len(failed) + len(other): print(f'mugshotrace: {len(failed) + len(other)} of {len(df)} selected run(s) are not done', file=sys.stderr)
+    return 1 if len(failed) + len(other) else 0
 
 def add_run_parser(subparsers)->None:
     "Add `mugshotrace run STUDY.yaml …` to the CLI."
     p = subparsers.add_parser('run', help='train and evaluate the grid of models a study file describes (resumable)',
         description='Train and evaluate every run of a study file into runs/<run_id>/ (state, heartbeat, lock, '
                     'predictions, metrics, model bundle, environment). Finished runs are skipped; re-run the same '
-                    'command after an interruption to resume.')
+                    'command after an interruption to resume: training continues after the last finished epoch, '
+                    'bit-identical to an uninterrupted run on the CPU; on a GPU the same epochs and recipe, with '
+                    'results equal within the nondeterminism of GPU kernels (a resume on another device type or '
+                    'precision is refused unless --force-resume). Exits 1 when any selected run is not done.')
     p.add_argument('study', help='the study file (YAML): data, train, grid, runs, executor sections')
     p.add_argument('--executor', choices=('local', 'submitit'), default=None, help='where runs execute (default: the study file, else local)')
     p.add_argument('--only', default=None, metavar='PATTERN', help="glob on run names/ids, e.g. 'resnet50-*-court-*'")
@@ -335,4 +437,9 @@ def add_run_parser(subparsers)->None:
     p.add_argument('--retry-failed', action='store_true', help='run failed runs again')
     p.add_argument('--runs', default=None, metavar='DIR', help='runs folder (default: the study file)')
     p.add_argument('--cluster', choices=('slurm', 'local', 'debug'), default=None, help='submitit cluster (default: auto-detect)')
+    p.add_argument('--setup-command', action='append', default=None, metavar='CMD',
+                   help="a shell line run before each submitit job, e.g. 'module load cuda' (repeatable); only from the "
+                        "command line: a study file's executor section cannot run commands")
+    p.add_argument('--force-resume', action='store_true',
+                   help='resume a checkpoint made on another device type or precision (results then differ from an uninterrupted run)')
     p.set_defaults(func=_run_cmd)

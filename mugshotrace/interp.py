@@ -17,13 +17,14 @@ import pandas as pd
 import torch
 from torch import nn
 import torch.nn.functional as F
-from .core import UserError, write_bytes, write_csv, write_json, read_json, load_rgb, sha256_file, save_figure
+from .core import (UserError, write_bytes, write_csv, write_json, read_json, load_rgb, sha256_file, save_figure,
+                              stable_hash, study_is_synthetic)
 
 # %% auto #0
-__all__ = ['METHODS', 'FunctionalReLUError', 'find_functional_relus', 'guided_copy', 'Attributions', 'explaining_mode',
-           'Explainer', 'load_inputs', 'class_columns', 'best_worst', 'scenario_best_worst', 'privatize',
-           'heat_overlay', 'guided_image', 'best_worst_figure', 'run_images', 'explain_upright', 'explain_run',
-           'add_explain_parser']
+__all__ = ['METHODS', 'EXPLAIN_OUTPUTS', 'FunctionalReLUError', 'find_functional_relus', 'guided_copy', 'Attributions',
+           'explaining_mode', 'Explainer', 'load_inputs', 'class_columns', 'best_worst', 'scenario_best_worst',
+           'privatize', 'heat_overlay', 'guided_image', 'best_worst_figure', 'run_images', 'explain_upright',
+           'explain_settings', 'explain_run', 'add_explain_parser']
 
 # %% ../nbs/45_interp.ipynb #b622cb7a
 class FunctionalReLUError(RuntimeError):
@@ -323,13 +324,30 @@ def _explain_scenario(ex, model, p, files, side, size, mean, std, classes, bs, f
         maps += [align_map(s, l, 64).astype(np.float16) if o else np.zeros((64, 64), np.float16) for s, l, o in zip(sal, lm, ok)]
     return pd.concat(rows, ignore_index=True), np.stack(maps)
 
+EXPLAIN_OUTPUTS = ('best_worst.csv', 'region_shares.csv', 'region_means.csv', 'region_differences.csv', 'faithfulness.csv',
+                   'explain.json', 'figures/best_worst/*.png', 'figures/best_worst/figures.json', 'figures/regions_by_*.png',
+                   'figures/figures.json', 'regions/*.csv', 'regions/*.npz')
+
+def explain_settings(run:Path, meta:dict, files:dict, **settings)->dict:
+    "Everything that changes `explain_run`'s outputs: package version, weights, predictions, images and the settings."
+    from mugshotrace import __version__
+    return {'mugshotrace_version': __version__, 'model_sha256': meta.get('weights_sha256'),
+            'preds': {f.name: sha256_file(f) for f in sorted((run/'preds').glob('*.csv'))},
+            'images': stable_hash(sorted(files.items())), 'methods': list(METHODS), **settings}
+
+def _clear_explain_outputs(out:Path):
+    "Remove what an earlier `explain_run` with other settings wrote into `out` (only its own files)."
+    for pat in EXPLAIN_OUTPUTS:
+        for f in out.glob(pat):
+            if f.is_file(): f.unlink()
+
 def explain_run(run_dir, # a finished run folder
                 out=None, # output folder (default RUN_DIR/explain)
                 k:int=1, # best/worst images per scenario and kind
                 show_faces:bool=False, # show real faces and guided maps in figures (explicit opt-in)
                 faces=None, # preprocessing output root (holding `<variant>/manifest.csv`); default: from `study` or the run config
-                study=None, # the study file of the run: gives the preprocessing root, and `truth:` marks the data synthetic
-                synthetic:bool|None=None, # the images are synthetic (default: the study has `truth:`, or the run config says so)
+                study=None, # the study file of the run: gives the preprocessing root
+                synthetic:bool|None=None, # the images are synthetic (default: the study record, `core.study_is_synthetic`)
                 max_images:int=100, # images per group and scenario for region attribution
                 bs:int=16, # batch size
                 faithfulness:bool=True, # also compute deletion/insertion curves
@@ -349,12 +367,18 @@ def explain_run(run_dir, # a finished run folder
     variant = cfg.get('variant') or meta.get('variant')
     if study is not None:
         from mugshotrace.experiments import load_study
-        sd = load_study(study).data; faces = faces or sd.preprocessed
-        if synthetic is None and sd.truth: synthetic = True
+        faces = faces or load_study(study).data.preprocessed
     files, side = run_images(cfg, variant, faces)
-    synthetic = bool(cfg.get('synthetic', False)) if synthetic is None else bool(synthetic)
+    synthetic = study_is_synthetic(run) if synthetic is None else bool(synthetic)   # fails closed: no record, real data
     show = bool(show_faces or synthetic); rid = cfg.get('run_id', run.name)
+    private = show and not synthetic    # unblurred real faces: owner-only
     out = Path(out) if out else run/'explain'
+    settings = explain_settings(run, meta, files, k=k, show_faces=show, private=private, max_images=max_images, bs=bs,
+                                faithfulness=faithfulness, include_valid=include_valid, seed=seed)
+    key = stable_hash(settings)
+    prev = read_json(out/'settings.json').get('key') if (out/'settings.json').exists() else None
+    if prev != key:   # other settings (or an older version): nothing earlier may be reused or left behind
+        _clear_explain_outputs(out); write_json(out/'settings.json', {'key': key, 'settings': settings})
     ex = Explainer(model, spec.cam_layer)
     bw = scenario_best_worst(run, k, include_valid)
     write_csv(out/'best_worst.csv', bw)
@@ -368,7 +392,8 @@ def explain_run(run_dir, # a finished run folder
             x, imgs = load_inputs([files[i] for i in rows['image_id']], size, mean, std)
             tgt = [classes.index(c) if c in classes else None for c in rows['Prediction'].astype(str)]
             a = explain_upright(ex, x, None if None in tgt else tgt, METHODS, _inverted(run, ds, cfg))
-            save_figure(best_worst_figure(rows, imgs, a, show, title=f'{rid} · {ds}'), fig_path, dpi=100)
+            save_figure(best_worst_figure(rows, imgs, a, show, title=f'{rid} · {ds}'), fig_path, dpi=100, may_show_face=True,
+                        private=private, caption=f'best and worst images of {ds}' + ('' if show else ' (faces blurred)'))
         if not reg_path.exists():
             p = pd.read_csv(run/'preds'/f'{ds}.csv', dtype={'image_id': str})
             p = _sample(p[p['image_id'].isin(files)], max_images, seed)
@@ -379,7 +404,7 @@ def explain_run(run_dir, # a finished run folder
                 write_csv(reg_path, r.assign(run_id=rid, dataset=ds))
     parts = [pd.read_csv(out/'regions'/f'{ds}.csv', dtype={'image_id': str}) for ds in datasets if (out/'regions'/f'{ds}.csv').exists()]
     summary = dict(run_id=rid, arch=spec.name, variant=variant, model_sha256=meta.get('weights_sha256'), k=k, show_faces=show,
-                   synthetic=synthetic, scenarios=datasets, best_worst_missing_images=missing, max_images=max_images, seed=seed)
+                   synthetic=synthetic, key=key, scenarios=datasets, best_worst_missing_images=missing, max_images=max_images, seed=seed)
     if parts:
         sh = pd.concat(parts, ignore_index=True); write_csv(out/'region_shares.csv', sh)
         u = sh.drop_duplicates('image_id'); summary['images_without_landmarks'] = int((~u['has_landmarks'].astype(bool)).sum())
@@ -395,7 +420,8 @@ def explain_run(run_dir, # a finished run folder
             for g, d in lab.groupby(attr, sort=True):
                 ms = np.stack([allmaps[i] / allmaps[i].sum() for i in d['image_id'] if i in allmaps and allmaps[i].sum() > 0]) if len(d) else None
                 if ms is not None and len(ms): mm[g] = ms.mean(0)
-            save_figure(R.region_figure(m, mm, title=f'{rid}: Grad-CAM share per facial region by {attr} (95% CI)'), out/'figures'/f'regions_by_{attr}.png', dpi=100)
+            save_figure(R.region_figure(m, mm, title=f'{rid}: Grad-CAM share per facial region by {attr} (95% CI)'), out/'figures'/f'regions_by_{attr}.png',
+                        dpi=100, may_show_face=False, caption=f'Grad-CAM share per facial region by {attr}')
         if means: write_csv(out/'region_means.csv', pd.concat(means, ignore_index=True))
         if diffs: write_csv(out/'region_differences.csv', pd.concat(diffs, ignore_index=True))
         if faith: write_csv(out/'faithfulness.csv', pd.concat(faith, ignore_index=True))
@@ -417,15 +443,18 @@ def add_explain_parser(subparsers)->"argparse.ArgumentParser":
                     'incorrect ("worst") images with Grad-CAM, guided backprop and guided Grad-CAM; the share of Grad-CAM '
                     'mass in each facial region (from 68 landmarks) per group with bootstrap intervals; and a '
                     'deletion/insertion faithfulness check against a random order.\n\n'
-                    'Privacy: faces are blurred and guided maps hidden unless --show-faces (or the run is synthetic).\n'
-                    'Re-running skips finished scenarios.')
+                    'Privacy: faces are blurred and guided maps hidden unless --show-faces, or the study is synthetic (its\n'
+                    'record says so: data marked by `mugshotrace synth`) or --synthetic; unblurred figures of real data are\n'
+                    'written owner-only. Re-running with the same settings skips finished scenarios; other settings\n'
+                    '(--k, --seed, --show-faces, --max-images, ...) replace every earlier output.')
     p.add_argument('run_dir', help='the run folder (config.json, model.safetensors/model.json, preds/*.csv)')
     p.add_argument('--out', default=None, help='output folder (default: RUN_DIR/explain)')
     p.add_argument('--k', type=int, default=1, help='best/worst images per scenario (default 1)')
     p.add_argument('--show-faces', action='store_true', help='show unblurred faces and guided maps (real data: only with consent to publish)')
     p.add_argument('--faces', default=None, help='preprocessing output folder holding <variant>/manifest.csv (default: from the run config)')
-    p.add_argument('--study', default=None, help='the study file of the run (gives --faces; a study with truth: is synthetic)')
-    p.add_argument('--synthetic', action='store_true', help='the images are synthetic benchmark images (shown as they are)')
+    p.add_argument('--study', default=None, help='the study file of the run (gives --faces)')
+    p.add_argument('--synthetic', action='store_true', help='the images are synthetic benchmark images (shown as they are; '
+                   'default: the study record)')
     p.add_argument('--max-images', type=int, default=100, help='images per group and scenario for region attribution (default 100)')
     p.add_argument('--bs', type=int, default=16, help='batch size (default 16)')
     p.add_argument('--no-faithfulness', action='store_true', help='skip the deletion/insertion curves')

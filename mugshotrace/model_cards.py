@@ -16,7 +16,7 @@ from .core import UserError, read_json, write_json, write_text, save_figure
 # %% auto #0
 __all__ = ['AUDIT_COLUMNS', 'CONFOUND_COLUMNS', 'ETHICS', 'CARD_TABLE_METRICS', 'CARD_CSS', 'DATASHEET_QUESTIONS', 'find_runs',
            'load_audit', 'load_confounding', 'performance_metrics', 'interpretation_notes', 'model_card',
-           'example_study', 'card_sections', 'card_figure', 'card_markdown', 'card_html', 'write_model_card',
+           'example_study', 'md_text', 'card_sections', 'card_figure', 'card_markdown', 'card_html', 'write_model_card',
            'datasheet_markdown']
 
 # %% ../nbs/61_model_cards.ipynb #773fe1bf
@@ -215,11 +215,17 @@ def _qa_tables(card:dict, metrics=CARD_TABLE_METRICS)->dict[str, pd.DataFrame]:
     d = pd.DataFrame(rows)
     return {t: g.pivot_table(index='row', columns='metric', values='cell', aggfunc='first') for t, g in d.groupby('table', sort=True)}
 
+def md_text(x)->str:
+    "User-supplied text made inert in Markdown that a viewer renders as HTML: HTML-escaped, on one line, `|` escaped."
+    return html.escape(' '.join(str(x).split())).replace('|', '\\|')
+
 def _md_table(df:pd.DataFrame, index_name:str)->str:
-    cols = [index_name] + [str(c) for c in df.columns]
+    cols = [index_name] + [md_text(c) for c in df.columns]
     lines = ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
-    lines += ['| ' + ' | '.join([str(i)] + ['' if pd.isna(v) else str(v) for v in r]) + ' |' for i, r in zip(df.index, df.to_numpy())]
+    lines += ['| ' + ' | '.join([md_text(i)] + ['' if pd.isna(v) else md_text(v) for v in r]) + ' |' for i, r in zip(df.index, df.to_numpy())]
     return '\n'.join(lines)
+
+def _mpl_text(x)->str: return str(x).replace('$', r'\$')   # user text in a figure: no mathtext
 
 def card_sections(card:dict)->list[tuple[str, list]]:
     "Mitchell et al.'s sections as (title, [paragraph str | (caption, DataFrame)])."
@@ -252,20 +258,21 @@ def card_figure(card:dict, metric:str='accuracy'):
     lo = np.array([np.nan if r[3] is None else r[3] for r in rows], float); hi = np.array([np.nan if r[4] is None else r[4] for r in rows], float)
     fig = Figure(figsize=(6, 0.8 + 0.24 * len(rows))); ax = fig.subplots()
     ax.errorbar(v, y, xerr=[np.nan_to_num(v - lo).clip(0), np.nan_to_num(hi - v).clip(0)], fmt='o', ms=4, capsize=2, color='#1f5fa8')
-    ax.set_yticks(y, [f'{t} · {g}' for t, g, *_ in rows], fontsize=7); ax.set_xlim(0, 1); ax.grid(axis='x', alpha=.3)
-    ax.set_xlabel(f'{metric} (95% interval)', fontsize=8); ax.set_title(card['model_details']['name'], fontsize=9)
+    ax.set_yticks(y, [_mpl_text(f'{t} · {g}') for t, g, *_ in rows], fontsize=7); ax.set_xlim(0, 1); ax.grid(axis='x', alpha=.3)
+    ax.set_xlabel(_mpl_text(f'{metric} (95% interval)'), fontsize=8); ax.set_title(_mpl_text(card['model_details']['name']), fontsize=9)
     fig.tight_layout()
     return fig
 
 def card_markdown(card:dict, figure:str|None=None # file name of `card_figure`'s PNG beside the card
                  )->str:
-    "The card as Markdown (Mitchell et al. 2019 sections)."
-    out = [f"# Model card: {card['model_details']['name']}", '']
+    "The card as Markdown (Mitchell et al. 2019 sections); every text from the study is HTML-escaped (`md_text`)."
+    out = [f"# Model card: {md_text(card['model_details']['name'])}", '']
     for title, items in card_sections(card):
         out += [f'## {title}', '']
         if title == 'Quantitative analyses' and figure: out += [f'![accuracy per test set and group, 95% intervals]({figure})', '']
         for it in items:
-            out += ([f'**{it[0]}**', '', _md_table(it[1], 'group'), ''] if isinstance(it, tuple) else [f'- {it}' if title != 'Model details' else it, ''])
+            out += ([f'**{md_text(it[0])}**', '', _md_table(it[1], 'group'), ''] if isinstance(it, tuple)
+                    else [f'- {md_text(it)}' if title != 'Model details' else md_text(it), ''])
     return '\n'.join(out)
 
 CARD_CSS = ('body{font-family:system-ui,sans-serif;max-width:60em;margin:2em auto;padding:0 1em;color:#222}'
@@ -286,16 +293,21 @@ def card_html(card:dict, figure=None # PNG of `card_figure` to embed (path)
                        + base64.b64encode(Path(figure).read_bytes()).decode('ascii') + "'>")
         for it in items:
             if isinstance(it, tuple):
-                out.append(f'<h3>{e(it[0])}</h3>' + it[1].rename_axis('group').reset_index().to_html(index=False, border=0, na_rep='', classes='metrics'))
+                out.append(f'<h3>{e(it[0])}</h3>' + it[1].rename_axis('group').reset_index().to_html(index=False, border=0, na_rep='', escape=True, classes='metrics'))
             else: out.append(f'<p>{e(it)}</p>')
     return '\n'.join(out) + '</body></html>'
 
-def write_model_card(run, audit:pd.DataFrame, confounding:pd.DataFrame|None=None, **kw)->dict:
-    "Write `model_card.json`, `.md` and `.html` into the run folder; return their paths."
+def write_model_card(run, audit:pd.DataFrame, confounding:pd.DataFrame|None=None,
+                     private:bool=False, # owner-only files (the report's default for real data)
+                     **kw)->dict:
+    "Write `model_card.json`, `.md` and `.html` (and the accuracy figure, registered as a plot of numbers) into the run folder."
     run = Path(run); card = model_card(run, audit, confounding, **kw)
-    fig = card_figure(card); png = save_figure(fig, run/'model_card_accuracy.png') if fig is not None else None
-    return {'json': write_json(run/'model_card.json', card), 'md': write_text(run/'model_card.md', card_markdown(card, png and png.name)),
-            'html': write_text(run/'model_card.html', card_html(card, png)), 'figure': png}
+    fig = card_figure(card)
+    png = save_figure(fig, run/'model_card_accuracy.png', may_show_face=False, private=private,
+                      caption='accuracy per test set and group, 95% intervals') if fig is not None else None
+    return {'json': write_json(run/'model_card.json', card, private=private),
+            'md': write_text(run/'model_card.md', card_markdown(card, png and png.name), private=private),
+            'html': write_text(run/'model_card.html', card_html(card, png), private=private), 'figure': png}
 
 # %% ../nbs/61_model_cards.ipynb #fe38e1ca
 DATASHEET_QUESTIONS = {
@@ -315,8 +327,8 @@ DATASHEET_QUESTIONS = {
 def datasheet_markdown(labels:pd.DataFrame|None=None, # tidy label table (`image_id`, `person_id`, `<attr>_<source>` …)
                        manifests:pd.DataFrame|None=None, # concatenated preprocessing manifests (`variant`, `status`)
                        name:str='the study data')->str:
-    "A datasheet (Gebru et al. 2018) skeleton with the facts the pipeline knows filled in."
-    known = {}
+    "A datasheet (Gebru et al. 2018) skeleton with the facts the pipeline knows filled in (text from the data HTML-escaped)."
+    known, t_ = {}, md_text
     if labels is not None and len(labels):
         txt = f'{len(labels)} images'
         if 'person_id' in labels: txt += f' of {labels.person_id.nunique()} persons'
@@ -324,17 +336,17 @@ def datasheet_markdown(labels:pd.DataFrame|None=None, # tidy label table (`image
         lc = [c for c in labels.columns if c.startswith(('race_', 'ethnicity_'))]
         if lc:
             known['Is any information missing from individual instances?'] = '; '.join(
-                f'{c}: {int((labels[c].isna() | (labels[c].astype(str) == "")).sum())} missing' for c in lc) + '.'
+                f'{t_(c)}: {int((labels[c].isna() | (labels[c].astype(str) == "")).sum())} missing' for c in lc) + '.'
             known['Does the dataset identify any subpopulations (e.g. by race or ethnicity)?'] = 'Yes. ' + '; '.join(
-                f'{c}: ' + ', '.join(f'{k} {v}' for k, v in labels[c].value_counts().sort_index().items()) for c in lc) + '.'
+                f'{t_(c)}: ' + ', '.join(f'{t_(k)} {v}' for k, v in labels[c].value_counts().sort_index().items()) for c in lc) + '.'
     if manifests is not None and len(manifests):
         t = manifests.groupby(['variant', 'status']).size().unstack(fill_value=0)
         known['Was any preprocessing/cleaning/labeling of the data done?'] = 'Face preprocessing variants (image counts by status): ' + '; '.join(
-            f'{v}: ' + ', '.join(f'{s} {int(n)}' for s, n in r.items() if n) for v, r in t.iterrows()) + '.'
+            f'{t_(v)}: ' + ', '.join(f'{t_(s)} {int(n)}' for s, n in r.items() if n) for v, r in t.iterrows()) + '.'
         known['Is the software used to preprocess the instances available?'] = 'Yes: mugshotrace (faces module); manifests list every input image.'
     known.setdefault('Does the dataset contain data that might be considered sensitive?',
                      'Yes: face images and perceived race/ethnicity labels; treat as special-category personal data.')
-    out = [f'# Datasheet: {name}', '', '_Skeleton after Gebru et al. (2018), "Datasheets for Datasets". '
+    out = [f'# Datasheet: {t_(name)}', '', '_Skeleton after Gebru et al. (2018), "Datasheets for Datasets". '
            'Answers marked TODO must be written by the data custodians._', '']
     for sec, qs in DATASHEET_QUESTIONS.items():
         out += [f'## {sec}', '']

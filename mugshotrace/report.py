@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageFilter
-from .core import UserError, read_json, write_text
+from .core import UserError, read_json, write_text, registered_figures, study_is_synthetic
 from .model_cards import (find_runs, load_audit, load_confounding, write_model_card, datasheet_markdown,
                                      CARD_CSS)
 
 # %% auto #0
-__all__ = ['FACE_FIGURE', 'STAGE_TABLES', 'REPORT_CSS', 'face_figure', 'is_synthetic_study', 'png_data_uri', 'caterpillar',
+__all__ = ['FIGURE_SUFFIXES', 'STAGE_TABLES', 'REPORT_CSS', 'is_synthetic_study', 'report_figures', 'png_data_uri', 'caterpillar',
            'bulk_label_tables', 'disaggregated_table', 'extremes_table', 'ten_mean_table', 'tests_table',
            'study_report', 'add_report_parser']
 
@@ -29,24 +29,28 @@ def _group_rows(audit:pd.DataFrame, metric:str)->pd.DataFrame:
     if 'attribute' in a and (a.attribute == 'group').any(): a = a[a.attribute == 'group']
     return a
 
-FACE_FIGURE = re.compile(r'best|worst|example|counterfactual|xgem|face|cam|saliency|guided|topk|attribution_map', re.I)
-
-def face_figure(path)->bool:
-    "Whether a figure may show faces (judged from its file name and folder)."
-    p = Path(path); return bool(FACE_FIGURE.search(p.stem) or FACE_FIGURE.search(p.parent.name))
+FIGURE_SUFFIXES = ('.png', '.jpg', '.jpeg')
 
 def is_synthetic_study(root)->bool:
-    "True when the study's data is the built-in synthetic benchmark (a `truth.json` near the study or its data paths)."
-    root = Path(root).resolve()
-    for d in [root, *list(root.parents)[:3]]:
-        if (d/'truth.json').exists() or any(d.glob('*/truth.json')): return True
-    for r in find_runs(root)[:50]:
-        if read_json(r/'config.json').get('synthetic') is True: return True
-        for v in json.dumps(read_json(r/'config.json')).split('"'):
-            if ('/' in v or '\\' in v) and len(v) < 4096:
-                p = Path(v)
-                if (p/'truth.json').exists() or (p.parent/'truth.json').exists(): return True
-    return False
+    "True only when the study's record says its data are the marked synthetic benchmark (`core.study_is_synthetic`)."
+    return study_is_synthetic(root)
+
+def report_figures(root, # the study folder
+                   exclude=() # folders whose figures are left out (e.g. the report's own assets)
+                  )->tuple[pd.DataFrame, pd.DataFrame]:
+    "Registered figures the report may embed (status 'ok', an image, no link) and the registered ones it leaves out, with why."
+    f = registered_figures(root)
+    if not len(f): return f, f.assign(why=[])
+    ex = [Path(x).resolve() for x in exclude]
+    def why(r):
+        p = Path(r.file)
+        if r.status != 'ok': return f'{r.status} since it was registered'
+        if p.is_symlink(): return 'a link'
+        if p.suffix.lower() not in FIGURE_SUFFIXES: return 'not a PNG/JPEG image'
+        if any(x == p.resolve().parent or x in p.resolve().parents for x in ex): return 'excluded folder'
+        return ''
+    f = f.assign(why=[why(r) for r in f.itertuples()])
+    return f[f.why == ''].drop(columns='why').reset_index(drop=True), f[f.why != ''].reset_index(drop=True)
 
 def png_data_uri(img, # a PIL image, a file path or a matplotlib figure
                  blur:bool=False, max_side:int=1400)->str:
@@ -168,10 +172,11 @@ REPORT_CSS = CARD_CSS.replace('max-width:60em', 'max-width:80em') + (
 def study_report(run_dir, # the study folder (run folders, audit table, stage outputs)
                  out=None, # the HTML file (default: `<run_dir>/report.html`)
                  show_faces:bool=False, # opt in to unblurred face figures (real data)
-                 synthetic:bool|None=None, # the data is synthetic (default: detected)
+                 synthetic:bool|None=None, # the data is synthetic (default: the study record, `core.study_is_synthetic`)
                  title:str|None=None, metric:str='accuracy', max_figures:int=40,
                  labels=None, # the label table CSV for the datasheet (default: `labels.csv` in or beside the study)
-                 faces=None # the preprocessing output root (default: `faces/` in or beside the study)
+                 faces=None, # the preprocessing output root (default: `faces/` in or beside the study)
+                 private:bool|None=None # owner-only report, cards and datasheet (default: unless the study is synthetic)
                 )->Path:
     "Write model cards, a datasheet skeleton and one self-contained HTML report for a study; return the report path."
     root = Path(run_dir)
@@ -179,24 +184,30 @@ def study_report(run_dir, # the study folder (run folders, audit table, stage ou
     out = Path(out) if out else root/'report.html'
     runs, audit, conf = find_runs(root), load_audit(root), load_confounding(root)
     if not runs and not len(audit): raise UserError(f'{root} has no run folders and no audit table: run `mugshotrace run` and `mugshotrace audit` first')
-    synth = is_synthetic_study(root) if synthetic is None else synthetic
+    synth = is_synthetic_study(root) if synthetic is None else bool(synthetic)
+    private = (not synth) if private is None else bool(private)
     blur_faces = not (synth or show_faces)
     e, rel = html.escape, (lambda p: os.path.relpath(p, out.parent).replace(os.sep, '/'))
     cards = {}
     for r in runs:
         rid = str(read_json(r/'config.json').get('run_id', r.name))
-        if (audit.run_id.astype(str) == rid).any(): cards[rid] = write_model_card(r, audit, conf)
+        if (audit.run_id.astype(str) == rid).any(): cards[rid] = write_model_card(r, audit, conf, private=private)
     labels, manifests = _study_data(root, labels, faces)
-    ds = write_text(out.parent/'datasheet.md', datasheet_markdown(labels, manifests, name=title or root.name))
+    ds = write_text(out.parent/'datasheet.md', datasheet_markdown(labels, manifests, name=title or root.name), private=private)
     rows = []
     for r in runs:
         cfg = read_json(r/'config.json'); rid = str(cfg.get('run_id', r.name))
         st = read_json(r/'state.json') if (r/'state.json').exists() else {}
-        rows.append({'run_id': rid, 'arch': cfg.get('arch'), 'variant': cfg.get('variant'), 'label_source': cfg.get('label_source'),
-                     'task': cfg['task'].get('name') if isinstance(cfg.get('task'), dict) else cfg.get('task'), 'init': cfg.get('init'),
-                     'state': st.get('state', st.get('status', '')),
-                     'model card': f"<a href='{e(rel(cards[rid]['html']))}'>card</a>" if rid in cards else '(not audited)'})
-    runs_html = pd.DataFrame(rows).to_html(index=False, border=0, escape=False, na_rep='') if rows else '<p><em>no run folders</em></p>'
+        st = st if isinstance(st, dict) else {}
+        rows.append([rid, cfg.get('arch'), cfg.get('variant'), cfg.get('label_source'),
+                     cfg['task'].get('name') if isinstance(cfg.get('task'), dict) else cfg.get('task'), cfg.get('init'),
+                     st.get('state', st.get('status', '')),
+                     f"<a href='{e(rel(cards[rid]['html']))}'>card</a>" if rid in cards else '(not audited)'])
+    # every cell is escaped text except the card link, which is built here from an escaped path
+    runs_html = ('<table><thead><tr>' + ''.join(f'<th>{c}</th>' for c in ('run_id', 'arch', 'variant', 'label_source', 'task',
+                 'init', 'state', 'model card')) + '</tr></thead><tbody>' + ''.join(
+                 '<tr>' + ''.join(f"<td>{'' if v is None else e(str(v))}</td>" for v in r[:-1]) + f'<td>{r[-1]}</td></tr>' for r in rows)
+                 + '</tbody></table>') if rows else '<p><em>no run folders</em></p>'
     sec = []
     sec.append(('runs', 'Runs', runs_html))
     if len(audit):
@@ -226,17 +237,23 @@ def study_report(run_dir, # the study folder (run folders, audit table, stage ou
             if 'cache' in f.parts: continue
             extra.append(f"<h3>{e(rel(f))}</h3>" + _table_html(pd.read_csv(f).head(40).round(4)))
     if extra: sec.append(('stages', 'Other results of the audit, interpretation and confounding stages (first 40 rows)', ''.join(extra)))
-    figs = [p for p in sorted(root.rglob('*.png')) if out.parent/'report_assets' not in p.parents
-            and not p.name.startswith('model_card')][:max_figures]   # the cards' own figures live in the cards
-    if figs:
+    # only figures the package registered (figures.json), unchanged since; the cards' own figures live in the cards
+    figs, left = report_figures(root, exclude=[out.parent/'report_assets'])
+    figs = figs[[not Path(f).name.startswith('model_card') for f in figs.file]].head(max_figures)
+    if len(figs) or len(left):
         items = []
-        for p in figs:
-            blur = blur_faces and face_figure(p)
+        for f, face, cap in zip(figs.file, figs.may_show_face, figs.caption):
+            p, blur = Path(f), bool(blur_faces and face)
             items.append(f"<figure><img alt='{e(p.stem)}' src='{png_data_uri(p, blur=blur)}'><figcaption>{e(rel(p))}"
-                         f"{' (blurred: privacy default; --show-faces to opt in)' if blur else ''}</figcaption></figure>")
+                         f"{': ' + e(cap) if cap else ''}{' (blurred: privacy default; --show-faces to opt in)' if blur else ''}"
+                         '</figcaption></figure>')
+        if len(left): items.append("<p class='note'>Registered figures left out: " + '; '.join(
+            f'{e(rel(f))} ({e(w)})' for f, w in zip(left.file, left.why)) + '.</p>')
         sec.append(('figures', 'Figures from the audit, interpretation and confounding stages', ''.join(items)))
-    privacy = ('synthetic data: figures shown as they are' if synth else 'faces unblurred by explicit opt-in' if show_faces
-               else 'figures that may show faces are blurred')
+    privacy = (('synthetic data (study record or --synthetic): figures shown as they are' if synth else
+                'faces unblurred by explicit opt-in' if show_faces else 'registered figures that may show faces are blurred')
+               + '; only figures registered by mugshotrace are embedded'
+               + ('; this file and the model cards are owner-only (--shareable widens them)' if private else ''))
     head = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{e(title or 'mugshotrace study report')}</title>"
             f"<style>{REPORT_CSS}</style></head><body><h1>{e(title or 'Study report: ' + root.name)}</h1>"
             f"<p>Generated {datetime.datetime.now().isoformat(timespec='seconds')} by mugshotrace from <code>{e(str(root))}</code>: "
@@ -244,13 +261,13 @@ def study_report(run_dir, # the study folder (run folders, audit table, stage ou
             f"Privacy: {privacy}. Datasheet skeleton: <a href='{e(rel(ds))}'>datasheet.md</a>.</p>"
             "<nav>" + ''.join(f"<a href='#{k}'>{e(t.split(':')[0].split('(')[0].strip())}</a>" for k, t, _ in sec) + '</nav>')
     body = ''.join(f"<section id='{k}'><h2>{e(t)}</h2>{h}</section>" for k, t, h in sec)
-    write_text(out, head + body + '</body></html>\n'); os.chmod(out, 0o644)  # a report is meant to be shared
+    write_text(out, head + body + '</body></html>\n', private=private)
     return out
 
 # %% ../nbs/60_report.ipynb #f57bf6d1
 def _report_cmd(a)->int:
     p = study_report(a.run_dir, out=a.out, show_faces=a.show_faces, synthetic=True if a.synthetic else None, title=a.title,
-                     labels=a.labels, faces=a.faces)
+                     labels=a.labels, faces=a.faces, private=False if a.shareable else None)
     print(f'report: {p}')
     return 0
 
@@ -258,11 +275,18 @@ def add_report_parser(subparsers):
     "Add `mugshotrace report` to the CLI."
     p = subparsers.add_parser('report', help='model cards and one self-contained HTML report per study',
         description='Write a model card (JSON, Markdown, HTML) into every audited run folder, a datasheet skeleton, and '
-                    'one self-contained HTML report (inline CSS, embedded figures, no external URLs) for the study.')
+                    'one self-contained HTML report (inline CSS, embedded figures, no external URLs) for the study. '
+                    'Privacy defaults: only figures that mugshotrace registered are embedded; those that may show a face '
+                    'are blurred unless the study is synthetic (recorded by the runner from data marked by `mugshotrace '
+                    'synth`, or --synthetic) or you pass --show-faces; the report, cards and datasheet of a real study '
+                    'are written owner-only (--shareable widens them).')
     p.add_argument('run_dir', help='the study folder holding the run folders and the audit table')
     p.add_argument('--out', default=None, help='the HTML file (default RUN_DIR/report.html)')
     p.add_argument('--show-faces', action='store_true', help='opt in to unblurred face figures (real data)')
-    p.add_argument('--synthetic', action='store_true', help='treat the data as synthetic (faces shown unblurred)')
+    p.add_argument('--synthetic', action='store_true', help='treat the data as synthetic (faces shown unblurred; default: '
+                   'the study record, written only for data marked by `mugshotrace synth`)')
+    p.add_argument('--shareable', action='store_true', help='give the report, cards and datasheet the usual file permissions '
+                   '(default for real data: owner-only, 0600)')
     p.add_argument('--title', default=None, help='report title')
     p.add_argument('--labels', default=None, help='label table CSV for the datasheet (default: labels.csv in or beside RUN_DIR)')
     p.add_argument('--faces', default=None, help='preprocessing output root for the datasheet (default: faces/ in or beside RUN_DIR)')

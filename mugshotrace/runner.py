@@ -17,9 +17,9 @@ from .experiments import RunConfig, StudyData
 from .labels import subgroup_code
 
 # %% auto #0
-__all__ = ['read_state', 'write_config', 'set_state', 'lock_is_stale', 'acquire_lock', 'release_lock', 'Heartbeat', 'InvertBatch',
-           'EpochLog', 'train_learner', 'dataset_file_name', 'predict_items', 'preds_frame', 'other_variants',
-           'train_and_evaluate', 'run_one']
+__all__ = ['read_state', 'write_config', 'set_state', 'acquire_lock', 'release_lock', 'lock_is_held', 'heartbeat_age',
+           'Heartbeat', 'InvertBatch', 'EpochLog', 'train_learner', 'dataset_file_name', 'predict_items', 'preds_frame',
+           'other_variants', 'train_and_evaluate', 'launcher_rank', 'run_one']
 
 # %% ../nbs/36_runner.ipynb #bb9d82e2
 def read_state(runs_root, run_id:str)->dict:
@@ -45,40 +45,46 @@ def set_state(paths:RunPaths, state:str, **extra)->dict:
     write_json(paths.state, s)
     return s
 
-def _alive(pid:int)->bool:
-    try: os.kill(pid, 0)
-    except ProcessLookupError: return False
-    except PermissionError: return True
-    return True
+_HELD = {}   # token -> the open, locked file descriptor of this process
 
-def lock_is_stale(paths:RunPaths, stale_after:float=300.0)->bool:
-    "True if the lock's owner process is gone (same host) or its heartbeat is older than `stale_after` seconds."
-    try: info = json.loads(paths.lock.read_text())
-    except FileNotFoundError: return True
-    except (json.JSONDecodeError, OSError): info = {}
-    if info.get('host') == socket.gethostname() and isinstance(info.get('pid'), int) and not _alive(info['pid']): return True
-    beat = paths.heartbeat if paths.heartbeat.exists() else paths.lock
-    try: return time.time() - beat.stat().st_mtime > stale_after
-    except FileNotFoundError: return True
-
-def acquire_lock(paths:RunPaths, stale_after:float=300.0)->str|None:
-    "Take the run's lock (taking over a stale one); return a token, or None if someone else holds it."
-    token = uuid.uuid4().hex
-    for _ in range(3):
-        try:
-            fd = os.open(paths.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            with os.fdopen(fd, 'w') as f: json.dump({'host': socket.gethostname(), 'pid': os.getpid(), 'token': token, 'time': time.time()}, f)
-            return token
-        except FileExistsError:
-            if not lock_is_stale(paths, stale_after): return None
-            with contextlib.suppress(FileNotFoundError): os.rename(paths.lock, paths.root/f'.lock.stale.{token}')
-            with contextlib.suppress(FileNotFoundError): os.unlink(paths.root/f'.lock.stale.{token}')
+def acquire_lock(paths:RunPaths)->str|None:
+    "Take the run's lock (an OS lock that dies with this process); return a token, or None if another process holds it."
+    import fcntl
+    for _ in range(20):
+        fd = os.open(paths.lock, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o644)
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError: os.close(fd); return None
+        try: same = os.path.samestat(os.fstat(fd), os.stat(paths.lock))
+        except FileNotFoundError: same = False
+        if not same: os.close(fd); continue        # we locked a file its holder removed on release: try the new one
+        token = uuid.uuid4().hex
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({'host': socket.gethostname(), 'pid': os.getpid(), 'token': token, 'time': time.time()}).encode())
+        _HELD[token] = fd
+        return token
     return None
 
 def release_lock(paths:RunPaths, token:str)->None:
-    "Remove the lock if we still own it."
-    with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
-        if json.loads(paths.lock.read_text()).get('token') == token: paths.lock.unlink()
+    "Remove the lock file (while still holding the lock) and release the lock, if this process holds it under `token`."
+    fd = _HELD.pop(token, None)
+    if fd is None: return
+    try:
+        with contextlib.suppress(FileNotFoundError): paths.lock.unlink()
+    finally: os.close(fd)
+
+def lock_is_held(paths:RunPaths)->bool:
+    "Whether some process holds the run's lock now (for status display: the probe may briefly make a contender wait its turn)."
+    import fcntl
+    try: fd = os.open(paths.lock, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError: return False
+    try: fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB); return False
+    except BlockingIOError: return True
+    finally: os.close(fd)
+
+def heartbeat_age(paths:RunPaths)->float|None:
+    "Seconds since the run's last heartbeat (None if it never beat)."
+    try: return time.time() - paths.heartbeat.stat().st_mtime
+    except FileNotFoundError: return None
 
 class Heartbeat:
     "Context manager: a daemon thread rewrites `paths.heartbeat` every `every` seconds."
@@ -116,12 +122,13 @@ class EpochLog(Callback):
 def train_learner(learn, # a `face_learner`
                   cfg:RunConfig, # the recipe
                   log_path=None, # where `EpochLog` writes
-                  checkpoint=None # epoch-checkpoint folder (None: no checkpoints)
+                  checkpoint=None, # epoch-checkpoint folder (None: no checkpoints)
+                  force_resume:bool=False # resume a checkpoint made on another device type or precision
                  )->dict:
     "Train `learn` with the run's recipe, resuming from a checkpoint; return what was used (lr, precision, device)."
     import torch
     from dataclasses import asdict
-    from mugshotrace.checkpoints import fit_phases, read_checkpoint
+    from mugshotrace.checkpoints import fit_phases, read_checkpoint, check_resume_environment
     key = stable_hash(asdict(cfg))
     ck = read_checkpoint(checkpoint, key) if checkpoint is not None and not cfg.distributed else None
     rows = []
@@ -129,11 +136,12 @@ def train_learner(learn, # a `face_learner`
         old = pd.read_csv(log_path)
         keep = (old.phase <= ck['phase']) | ((old.phase == ck['phase'] + 1) & (old.epoch.astype(int) < ck['epoch']))
         rows = old[keep].astype(str).to_dict('records')
-    gpu = torch.cuda.is_available(); prec = 'fp32'
+    gpu = torch.cuda.is_available(); device = 'cuda' if gpu else 'cpu'
+    prec = (cfg.precision if cfg.precision != 'auto' else ('bf16' if torch.cuda.is_bf16_supported() else 'fp16')) if gpu else 'fp32'
+    if ck: check_resume_environment(ck, device, prec, force=force_resume)
     if cfg.distributed and torch.cuda.device_count() < 2: raise UserError('distributed: true needs several GPUs (launch with `accelerate launch`)')
     if gpu:
         learn.to_channelslast()
-        prec = cfg.precision if cfg.precision != 'auto' else ('bf16' if torch.cuda.is_bf16_supported() else 'fp16')
         if prec == 'fp16': learn.to_fp16()
         elif prec == 'bf16': learn.to_bf16()
     lr = ck['lr'] if ck else cfg.lr
@@ -150,9 +158,9 @@ def train_learner(learn, # a `face_learner`
     first = ck['phase'] + (ck['epoch'] >= phases[ck['phase']][1]) if ck else 0     # the first phase still to run
     cbs = ([EpochLog(log_path, rows, first)] if log_path else []) + ([InvertBatch()] if cfg.invert in ('train', 'both') else [])
     with ctx, learn.no_bar(), learn.no_logging():
-        res = fit_phases(learn, phases, None if cfg.distributed else checkpoint, key, cbs, info={'lr': lr}, resume=ck)
+        res = fit_phases(learn, phases, None if cfg.distributed else checkpoint, key, cbs, info={'lr': lr, 'device': device, 'precision': prec}, resume=ck)
     if gpu and prec != 'fp32': learn.to_fp32()
-    return {'lr': lr, 'precision': prec, 'device': 'cuda' if gpu else 'cpu', **res}
+    return {'lr': lr, 'precision': prec, 'device': device, **res}
 
 # %% ../nbs/36_runner.ipynb #d7cba257
 def dataset_file_name(dataset:str)->str:
@@ -203,9 +211,10 @@ def other_variants(data:StudyData, variant:str)->list[str]:
     have = {p.parent.name for p in Path(data.preprocessed).glob('*/manifest.csv')}
     return [v for v in VARIANTS if v in have and v != variant]
 
-def train_and_evaluate(cfg:RunConfig, data:StudyData, paths:RunPaths)->dict:
+def train_and_evaluate(cfg:RunConfig, data:StudyData, paths:RunPaths, force_resume:bool=False)->dict:
     "Sample, train, predict, bundle: write every output of the run into `paths` (not the state)."
     import torch
+    from mugshotrace.experiments import variant_options
     from mugshotrace import labels as L, sampling as S, data as D, faces as F
     from mugshotrace.models import get_arch, face_learner, save_bundle
     t0 = time.time(); spec = get_arch(cfg.arch)
@@ -213,6 +222,8 @@ def train_and_evaluate(cfg:RunConfig, data:StudyData, paths:RunPaths)->dict:
     size = max(cfg.size or spec.input_size, spec.min_size)
     table = L.load_labels(data.labels_table, L.LabelSpec.from_dict(data.label_spec))
     task = (L.race2 if cfg.task == 'race2' else L.race_eth4)(cfg.label_source)
+    made_with = variant_options(data, cfg.variant)   # what the crops were really made with, not what the study asks
+    if made_with is None: raise UserError(f'{Path(data.preprocessed)/cfg.variant} has no config.json saying how its crops were made')
     man = F.load_manifest(data.preprocessed, cfg.variant)
     ok = man.loc[man.status == 'ok', 'image_id'].astype(str) if 'status' in man else man.image_id.astype(str)
     sample = S.make_sample(table, task, cfg.sampling, cfg.n_per_class, seed=cfg.seed, valid_share=cfg.valid_share,
@@ -224,7 +235,7 @@ def train_and_evaluate(cfg:RunConfig, data:StudyData, paths:RunPaths)->dict:
                              weighted=cfg.weighted, classes=list(task.classes))
     learn = face_learner(dls, spec, init=cfg.init, seed=cfg.seed, path=paths.root, model_dir='.models')   # lr_find's scratch
     seed_everything(cfg.seed)
-    used = train_learner(learn, cfg, log_path=paths.log, checkpoint=paths.root/'.checkpoint')
+    used = train_learner(learn, cfg, log_path=paths.log, checkpoint=paths.root/'.checkpoint', force_resume=force_resume)
     with contextlib.suppress(OSError): (paths.root/'.models').rmdir()
     counts = items.groupby(['is_valid', 'label']).size()
     tdata = {'n_train': int((~items.is_valid).sum()), 'n_valid': int(items.is_valid.sum()), 'label_source': cfg.label_source,
@@ -233,8 +244,8 @@ def train_and_evaluate(cfg:RunConfig, data:StudyData, paths:RunPaths)->dict:
     info = save_bundle(learn, paths.root, {'arch': spec.name, 'classes': list(task.classes), 'input_size': size,
         'variant': cfg.variant, 'training_data': tdata, 'init': cfg.init, 'run_id': cfg.run_id, 'label_source': cfg.label_source,
         'task': task.to_dict(), 'invert': cfg.invert, 'resize_method': 'squish',
-        'preprocessing': {'variant': cfg.variant, 'size': int(data.preprocess.get('size', 299)),
-                          'opts': {k: v for k, v in data.preprocess.items() if k not in ('size', 'progress', 'workers', 'shard')}}})
+        'preprocessing': {'variant': cfg.variant, 'size': int(made_with.get('size', 299)),
+                          'opts': {k: v for k, v in made_with.items() if k not in ('variant', 'size')}}})
     truth = _truth(data, cfg); datasets = {}
     inv_test = cfg.invert in ('test', 'both')
     sets = [('valid', cfg.label_source, items[items.is_valid], cfg.invert in ('train', 'both'), cfg.variant)]
@@ -265,24 +276,38 @@ def train_and_evaluate(cfg:RunConfig, data:StudyData, paths:RunPaths)->dict:
     return metrics
 
 # %% ../nbs/36_runner.ipynb #b52627ac
+def launcher_rank(distributed:bool=False # the run trains on several GPUs (`RunConfig.distributed`)
+                 )->int:
+    "This process's rank in a distributed launch, from the launcher's state (0 when not launched); never a bare `RANK` variable."
+    try:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized(): return int(dist.get_rank())
+    except ImportError: pass
+    env = os.environ   # a distributed run under `accelerate launch`/`torchrun`: the launcher sets the whole rendezvous
+    if distributed and all(env.get(k) for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')) and int(env['WORLD_SIZE']) > 1:
+        try: from accelerate import PartialState
+        except ImportError as e: raise UserError(f'distributed training needs accelerate: pip install accelerate ({e})') from None
+        return int(PartialState().process_index)
+    return 0
+
 def run_one(cfg:RunConfig, # the run
             data:StudyData, # where its data are
             runs_root, # folder of run folders
             retry_failed:bool=False, # run it again if it failed before
-            stale_after:float|None=None, # seconds without heartbeat before a lock is taken over (default 300 or $MUGSHOTRACE_STALE_AFTER)
-            heartbeat_every:float=10.0)->dict:
+            heartbeat_every:float=10.0, # seconds between heartbeats (status display)
+            force_resume:bool=False # resume a checkpoint made on another device type or precision
+           )->dict:
     "Run one config in `runs_root/<run_id>/` under its lock; never raises for a failing run (the state says why)."
-    stale_after = float(stale_after or os.environ.get('MUGSHOTRACE_STALE_AFTER', 300))
-    rank = int(os.environ.get('RANK', '0') or 0)
-    if rank > 0:   # a non-zero rank under `accelerate launch`: train alongside rank 0, write only to a scratch folder
+    rank = launcher_rank(cfg.distributed)
+    if rank > 0:   # a non-zero rank of a real distributed launch: train alongside rank 0, write only to a scratch folder
         if not cfg.distributed: return {'run_id': cfg.run_id, 'action': 'skipped', 'state': f'rank {rank}'}
         import tempfile
-        train_and_evaluate(cfg, data, RunPaths(Path(tempfile.mkdtemp(prefix=f'rank{rank}-'))))
+        train_and_evaluate(cfg, data, RunPaths(Path(tempfile.mkdtemp(prefix=f'rank{rank}-'))), force_resume=force_resume)
         return {'run_id': cfg.run_id, 'action': f'rank {rank}'}
     paths = run_paths(runs_root, cfg.run_id); write_config(runs_root, cfg)
     st = read_state(runs_root, cfg.run_id).get('state')
     if st == 'done' or (st == 'failed' and not retry_failed): return {'run_id': cfg.run_id, 'action': 'skipped', 'state': st}
-    token = acquire_lock(paths, stale_after)
+    token = acquire_lock(paths)
     if token is None: return {'run_id': cfg.run_id, 'action': 'busy'}
     t0 = time.time()
     try:
@@ -291,7 +316,7 @@ def run_one(cfg:RunConfig, # the run
             return {'run_id': cfg.run_id, 'action': 'skipped', 'state': s['state']}
         set_state(paths, 'running', attempts=int(s.get('attempts', 0)) + 1, started=t0)
         try:
-            with Heartbeat(paths, heartbeat_every): train_and_evaluate(cfg, data, paths)
+            with Heartbeat(paths, heartbeat_every): train_and_evaluate(cfg, data, paths, force_resume=force_resume)
         except (KeyboardInterrupt, SystemExit):   # Ctrl-C, or submitit requeueing a pre-empted job: not a failure
             set_state(paths, 'pending', error='interrupted'); raise
         except Exception as e:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from .core import (UserError, write_bytes, write_csv, write_json, read_json, stable_hash, process_pool_context,
-                              start_process_pool_server)
+                              start_process_pool_server, mark_synthetic, is_marked_synthetic)
 from .labels import SUBGROUPS
 from .synth_render import (IDENTITY_PARAMS, BACKDROP, render_face, encode_jpeg, source_faces,
                                       install_source_faces)
@@ -229,6 +229,9 @@ def make_benchmark(out, # output folder (created)
                                      'person_id': r.person_id, 'booking': r.booking, 'source': r.source, 'render': r.render}
                         for r in plan.itertuples(index=False)}}
     write_json(out/'truth.json', truth)
+    from mugshotrace import __version__
+    for d in (out, out/'images'):   # the explicit marker: only what synth made counts as synthetic (core.study_is_synthetic)
+        mark_synthetic(d, config_hash=h, mugshotrace_version=__version__)
     return out
 
 def load_truth(out # a folder written by `make_benchmark`

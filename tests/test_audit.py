@@ -220,6 +220,9 @@ def test_cli_writes_everything_and_resumes(tmp_path):
     for f in ('runs.csv', 'summary_top.csv', 'summary_means.csv', 'summary_differences.csv', 'design_factors.csv',
               'flip_rates.csv', 'figures/heatmap_accuracy_race.png', 'figures/calibration_race.png'):
         assert (out/f).exists(), f
+    reg = registered_figures(out/'figures')                                 # registered as figures of numbers: no face
+    assert len(reg) == 4 and (reg.status == 'ok').all() and not reg.may_show_face.any()
+    assert pd.read_csv(out/'excluded_runs.csv').empty
     m0 = (out/'audit.csv').stat().st_mtime_ns
     assert _cli(['audit', str(tmp_path/'study'), '--out', str(out), '--n-boot', '50', '--seed', '1']) == 0
     assert (out/'audit.csv').stat().st_mtime_ns == m0                      # unchanged inputs: skipped
@@ -259,3 +262,127 @@ def test_proportion_intervals_contain_the_estimate_exactly():
     for f in (wilson_interval, clopper_pearson_interval):
         lo, hi = f(k, n); p = k / n
         assert ((lo <= p) & (p <= hi)).all(), f.__name__
+
+# ---------------------------------------------------------------- which runs count, missing groups, malformed files (issue 13)
+import json, hashlib
+from mugshotrace.core import RunPaths, write_json, write_bytes, registered_figures
+from mugshotrace.audit import MISSING_LEVEL
+
+
+def _small_study(root, **kw):
+    kw = {'archs': ('resnet18', 'tiny_cnn', 'alexnet'), 'variants': ('resized', 'openface'), 'label_sources': ('court',),
+          'n_per_group': {'BH': 20, 'BnH': 20, 'WH': 20, 'WnH': 20}, **kw}
+    fabricate_runs(root, **kw)
+    return {r.name: r for r in find_runs(root)}
+
+
+def test_audit_counts_only_done_runs_whose_predictions_match_the_model(tmp_path, capsys):
+    runs = _small_study(tmp_path/'study')
+    bad = {}
+    r = runs['resnet18-resized-court']              # failed after writing some predictions
+    write_json(RunPaths(r).state, {'run_id': r.name, 'state': 'failed', 'error': 'RuntimeError: CUDA out of memory'})
+    next(r.glob('preds/*.csv')).unlink(); bad[r.name] = ('state', "'failed'")
+    r = runs['resnet18-openface-court']             # killed while running: state stays 'running', partial predictions
+    write_json(RunPaths(r).state, {'run_id': r.name, 'state': 'running'}); bad[r.name] = ('state', "'running'")
+    r = runs['tiny_cnn-resized-court']              # retrained: a new model, the predictions are the old model's
+    write_bytes(r/'model.safetensors', b'new weights'); m = json.loads((r/'model.json').read_text())
+    m['weights_sha256'] = hashlib.sha256(b'new weights').hexdigest(); write_json(r/'model.json', m)
+    bad[r.name] = ('predictions', 'stale predictions')
+    r = runs['tiny_cnn-openface-court']             # weights swapped after bundling
+    write_bytes(r/'model.safetensors', b'swapped'); bad[r.name] = ('model', 'does not hash')
+    r = runs['alexnet-resized-court']               # model.json points outside the run folder
+    m = json.loads((r/'model.json').read_text()); m['weights_file'] = '../../../model.safetensors'; write_json(r/'model.json', m)
+    bad[r.name] = ('model', 'outside the run folder')
+    out = tmp_path/'audit'
+    assert _cli(['audit', str(tmp_path/'study'), '--out', str(out), '--n-boot', '0', '--no-figures']) == 0
+    t = pd.read_csv(out/'audit.csv')
+    assert set(t.run_id) == {'alexnet-openface-court'}
+    assert set(pd.read_csv(out/'runs.csv').run_id) == {'alexnet-openface-court'}
+    ex = pd.read_csv(out/'excluded_runs.csv').set_index('run_id')
+    assert set(ex.index) == set(bad)
+    for rid, (check, why) in bad.items():
+        assert ex.loc[rid, 'check'] == check and why in ex.loc[rid, 'reason'], (rid, ex.loc[rid].to_dict())
+    assert 'out of memory' in ex.loc['resnet18-resized-court', 'reason']
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith('audit: ') and 'excluded' in l]
+    assert err == ['audit: 5 of 6 runs excluded (model: 2, predictions: 1, state: 2); see excluded_runs.csv']
+    # the Python API agrees and says what it left out; nothing finished at all is a one-line error
+    af = audit_runs(tmp_path/'study', n_boot=0)
+    assert set(af.df.run_id) == {'alexnet-openface-court'} and set(af.excluded.run_id) == set(bad)
+    write_json(RunPaths(runs['alexnet-openface-court']).state, {'state': 'pending'})
+    with pytest.raises(UserError, match='no finished runs to audit.*6 of 6 runs excluded'):
+        _cli(['audit', str(tmp_path/'study'), '--out', str(out), '--n-boot', '0', '--no-figures'])
+
+
+def _csv_roundtrip(df):
+    "What read_csv gives back (pandas 3: str dtype with NaN; pandas 2: object)."
+    import io
+    buf = io.StringIO(); df.to_csv(buf, index=False); buf.seek(0)
+    return pd.read_csv(buf, dtype={'image_id': str})
+
+
+def test_missing_group_values_are_an_explicit_level_in_no_gap():
+    sim = simulate_predictions({'BH': 80, 'BnH': 80, 'WH': 80, 'WnH': 80}, seed=4)
+    sim['ethnicity'] = sim.ethnicity.astype(object); sim.loc[sim.index % 10 == 0, 'ethnicity'] = np.nan   # unknown ethnicity
+    sim = _csv_roundtrip(sim)
+    t = audit_predictions(sim, n_boot=50)
+    acc = t[(t.metric == 'accuracy') & (t.attribute == 'ethnicity')].set_index('group')
+    assert list(acc.index) == ['Hispanic', 'NonHispanic', MISSING_LEVEL]
+    assert acc.loc[MISSING_LEVEL, 'n'] == 32 and acc.n.sum() == 320 and 'nan' not in set(t.group)
+    gaps = t[t.metric.str.startswith('gap:')]
+    assert len(gaps) and not gaps.group.str.contains(MISSING_LEVEL, regex=False).any()
+    assert set(gaps[gaps.attribute == 'ethnicity'].group) == {'Hispanic vs NonHispanic'}
+
+
+def test_missing_group_values_through_the_whole_audit(tmp_path):
+    runs = _small_study(tmp_path/'study', archs=('tiny_cnn',))
+    for r in runs.values():
+        for f in r.glob('preds/*.csv'):
+            d = pd.read_csv(f); d['ethnicity'] = d.ethnicity.astype(object); d.loc[::7, 'ethnicity'] = np.nan; write_csv(f, d)
+    out = tmp_path/'audit'
+    for attr in ('race', 'ethnicity'):
+        assert _cli(['audit', str(tmp_path/'study'), '--out', str(out), '--n-boot', '20', '--attribute', attr]) == 0
+    t = pd.read_csv(out/'audit.csv', keep_default_na=False, na_values=[''])
+    assert (t[(t.metric == 'accuracy') & (t.group == MISSING_LEVEL)].n > 0).all() and (t.group == MISSING_LEVEL).any()
+    assert not t[t.metric.str.startswith('gap:')].group.str.contains(MISSING_LEVEL, regex=False).any()
+    fl = pd.read_csv(out/'flip_rates.csv', keep_default_na=False, na_values=[''])
+    assert (fl.group == MISSING_LEVEL).any() and not fl[fl.metric.str.startswith('gap:')].group.str.contains(MISSING_LEVEL, regex=False).any()
+    diff = pd.read_csv(out/'summary_differences.csv')
+    assert not diff.group.str.contains(MISSING_LEVEL, regex=False).any()
+
+
+MALFORMED = {
+    'probability above 1': (lambda d: d.assign(Black_Prob=d.Black_Prob + 1), "'Black_Prob'"),
+    'probability not a number': (lambda d: d.assign(White_Prob=['x'] + d.White_Prob.astype(str).tolist()[1:]), "'White_Prob'"),
+    'probability missing': (lambda d: d.assign(White_Prob=[np.nan] + d.White_Prob.tolist()[1:]), "'White_Prob'"),
+    'no Prediction column': (lambda d: d.drop(columns='Prediction'), "'Prediction'"),
+    'prediction not a class': (lambda d: d.assign(Prediction=['Asian'] + d.Prediction.tolist()[1:]), "'Prediction'"),
+    'label missing': (lambda d: d.assign(label=[np.nan] + d.label.tolist()[1:]), "'label'"),
+    'label not a class': (lambda d: d.assign(label='Other'), "'label'"),
+    'duplicate image ids': (lambda d: d.assign(image_id=['img0'] * len(d)), "'image_id'"),
+    'no probability columns': (lambda d: d.drop(columns=['Black_Prob', 'White_Prob']), '_Prob'),
+    'empty file': (None, 'not a readable predictions CSV'),
+}
+
+@pytest.mark.parametrize('case', list(MALFORMED))
+def test_malformed_predictions_are_one_line_errors_naming_file_and_column(tmp_path, case):
+    runs = _small_study(tmp_path/'study', archs=('tiny_cnn',), variants=('resized',))
+    f = next(iter(runs.values()))/'preds'/'court__White.csv'
+    change, col = MALFORMED[case]
+    if change is None: f.write_bytes(b'')
+    else: write_csv(f, change(pd.read_csv(f, dtype={'image_id': str})))
+    with pytest.raises(UserError) as e:
+        _cli(['audit', str(tmp_path/'study'), '--out', str(tmp_path/'audit'), '--n-boot', '0', '--no-figures'])
+    msg = str(e.value)
+    assert '\n' not in msg and str(f) in msg and col in msg, msg
+
+
+def test_audit_cache_key_includes_the_package_version(tmp_path, monkeypatch):
+    import mugshotrace
+    _small_study(tmp_path/'study', archs=('tiny_cnn',), variants=('resized',))
+    out = tmp_path/'audit'; argv = ['audit', str(tmp_path/'study'), '--out', str(out), '--n-boot', '0', '--no-figures']
+    assert _cli(argv) == 0
+    m0 = (out/'audit.csv').stat().st_mtime_ns; c0 = {p.name: p.stat().st_mtime_ns for p in (out/'cache').glob('*.json')}
+    time.sleep(0.01); assert _cli(argv) == 0 and (out/'audit.csv').stat().st_mtime_ns == m0       # same version: reused
+    monkeypatch.setattr(mugshotrace, '__version__', '999.0.0')
+    assert _cli(argv) == 0 and (out/'audit.csv').stat().st_mtime_ns != m0                            # new version: recomputed
+    assert all(p.stat().st_mtime_ns != c0[p.name] for p in (out/'cache').glob('*.json'))

@@ -340,3 +340,77 @@ def test_pool_workers_inherit_dlib_models():
     if ctx.get_start_method() != 'forkserver': pytest.skip('no fork server on this platform: workers load the models themselves')
     with ctx.Pool(2) as pool:
         assert [pool.apply(dlib_models_loaded) for _ in range(4)] == [True] * 4
+
+
+# ---------------------------------------------------------------- a dying pool worker; owner-only crops
+KILL_ENV = 'MUGSHOTRACE_TEST_KILL_WORKER_ON'   # read only in pool workers (faces._pool_row); set only here
+
+def _journal(vdir):
+    return [json.loads(l) for l in (vdir/'.journal'/'shard-00000-of-00001.jsonl').read_text().splitlines() if l.strip()]
+
+@pytest.mark.parametrize('once', [False, True])
+def test_dead_worker_is_recorded_retried_and_never_hangs(tmp_path, once):
+    "A pool worker SIGKILLed on one image: the job ends (bounded), the image is journaled, retried once, never dropped."
+    tab = _small_set(tmp_path/'img', 5); tab.to_csv(tmp_path/'t.csv', index=False)
+    ref = preprocess(tab, tmp_path/'img', 'resized', tmp_path/'ref', size=32, progress=False)
+    flag = tmp_path/'killed-once'
+    env = dict(os.environ, **{KILL_ENV: 'p3' + (f'@{flag}' if once else '')})
+    cmd = [sys.executable, '-m', 'mugshotrace.cli', 'preprocess', '--images', str(tmp_path/'img'), '--table', str(tmp_path/'t.csv'),
+           '--variant', 'resized', '--out', str(tmp_path/'run'), '--size', '32', '--workers', '2', '--quiet']
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)   # a hang fails here
+    assert r.returncode == 0, r.stderr
+    vdir = tmp_path/'run'/'resized'; man = load_manifest(tmp_path/'run', 'resized').set_index('image_id')
+    assert list(man.index) == list(tab.image_id)                        # one row per table row, nothing dropped
+    interim = [j for j in _journal(vdir) if j.get('retry_pending')]
+    assert [j['image_id'] for j in interim] and 'p3' in [j['image_id'] for j in interim]
+    assert all(j['status'] == 'error' and 'worker process died' in j['reason'] for j in interim)
+    others = load_manifest(tmp_path/'ref', 'resized').set_index('image_id').drop(index='p3', columns='file')
+    pd.testing.assert_frame_equal(man.drop(columns='file').drop(index='p3'), others, check_dtype=False)   # innocent suspects redone
+    if once:                                                            # the retry in a fresh worker succeeded
+        assert flag.exists() and man.loc['p3', 'status'] == 'ok'
+        assert _outputs(vdir) == _outputs(tmp_path/'ref'/'resized')
+    else:
+        assert man.loc['p3', 'status'] == 'error' and 'died' in man.loc['p3', 'reason'] and 'twice' in man.loc['p3', 'reason']
+        assert not (vdir/'images'/'p3.png').exists()
+    assert not list((vdir/'images').glob('.*.tmp'))                    # no write cut by the killed pool is left
+    n = len(_journal(vdir))                                             # a rerun redoes nothing
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180); assert r.returncode == 0, r.stderr
+    assert len(_journal(vdir)) == n
+    pd.testing.assert_frame_equal(load_manifest(tmp_path/'run', 'resized').set_index('image_id'), man)
+
+def test_run_pool_finishes_and_a_pending_retry_is_not_resumed(tmp_path):
+    "`run_pool` returns every record; an interim record (killed between a worker's death and the retry) is redone."
+    from mugshotrace.faces import run_pool, FaceOptions, _pool_row
+    tab = _small_set(tmp_path/'img', 3)
+    tasks = [dict(image_id=i, src=str(tmp_path/'img'/p), dst=str(tmp_path/'o'/f'{i}.png'), opts=FaceOptions('resized', size=16),
+                  prior=None, private=True) for i, p in zip(tab.image_id, tab.path)]
+    got, notes = [], []
+    run_pool(tasks, 2, got.append, notes.append)
+    assert sorted(r['image_id'] for r in got) == sorted(tab.image_id) and not notes and all(r['status'] in ('ok', 'no_face') for r in got)
+    pending = dict(got[0], status='error', retry_pending=True)           # a kill between the death and the retry
+    t = dict(tasks[[x['image_id'] for x in tasks].index(got[0]['image_id'])], prior=pending)
+    assert _pool_row(t).get('_resumed') is None                         # redone, not resumed
+
+def _mode(f): return os.stat(f).st_mode & 0o777
+
+def test_face_crops_are_owner_only_unless_synthetic_or_shareable(tmp_path):
+    from mugshotrace.core import mark_synthetic, _UMASK
+    shareable = 0o666 & ~_UMASK
+    if shareable == 0o600: pytest.skip('the umask already makes every file owner-only')
+    tab = _small_set(tmp_path/'real', 2)
+    for variant in ('resized', 'mtcnn'):
+        preprocess(tab, tmp_path/'real', variant, tmp_path/'o', size=32, progress=False)
+        files = load_manifest(tmp_path/'o', variant).file.dropna().tolist(); assert files
+        assert {_mode(f) for f in files} == {0o600}, variant               # real data: owner-only by default
+    preprocess(tab, tmp_path/'real', 'resized', tmp_path/'o', size=32, private=False, progress=False)   # resumed, widened
+    assert {_mode(f) for f in load_manifest(tmp_path/'o', 'resized').file.dropna()} == {shareable}
+    syn = _small_set(tmp_path/'bench'/'images', 2); mark_synthetic(tmp_path/'bench'/'images')
+    preprocess(syn, tmp_path/'bench'/'images', 'resized', tmp_path/'so', size=32, progress=False)
+    assert {_mode(f) for f in load_manifest(tmp_path/'so', 'resized').file.dropna()} == {shareable}   # the marked benchmark
+    tab.to_csv(tmp_path/'t.csv', index=False)
+    base = [sys.executable, '-m', 'mugshotrace.cli', 'preprocess', '--images', str(tmp_path/'real'), '--table', str(tmp_path/'t.csv'),
+            '--variant', 'resized', '--size', '32', '--quiet']
+    for extra, want in ((['--workers', '2'], 0o600), (['--shareable-permissions'], shareable)):   # pool workers too
+        out = tmp_path/('cli' + str(len(extra)))
+        r = subprocess.run(base + ['--out', str(out), *extra], capture_output=True, text=True, timeout=180); assert r.returncode == 0, r.stderr
+        assert {_mode(f) for f in load_manifest(out, 'resized').file.dropna()} == {want}, extra

@@ -1,5 +1,5 @@
 "Integration and cross-check tests of `mugshotrace.interp` and `mugshotrace.interp_regions`."
-import json, os
+import hashlib, json, os
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -173,8 +173,51 @@ def test_explain_cli_end_to_end(tmp_path):
     assert info['show_faces'] is False and info['synthetic'] is False and info['images_without_landmarks'] == 0
     # resumable: a second run redoes nothing that is finished
     stamp = {p: p.stat().st_mtime_ns for p in (out/'figures'/'best_worst').glob('*.png')} | {p: p.stat().st_mtime_ns for p in (out/'regions').glob('*.csv')}
-    assert main(['explain', str(run), '--out', str(out), '--k', '2']) == 0
+    assert main(['explain', str(run), '--out', str(out), '--k', '2', '--bs', '4']) == 0
     assert all(p.stat().st_mtime_ns == t for p, t in stamp.items())
+
+def _sha(p): return hashlib.sha256(Path(p).read_bytes()).hexdigest()
+
+def test_explain_cache_is_keyed_on_settings_and_privacy_fails_closed(tmp_path, monkeypatch):
+    """Changed --show-faces, --k, --seed or package version recompute (an unblurred figure never survives a rerun without
+    --show-faces); synthetic only by the study record (not truth files or config guesses); opt-in real faces owner-only."""
+    import stat
+    import mugshotrace
+    from PIL import Image
+    from mugshotrace.cli import main
+    from mugshotrace.core import registered_figures, mark_synthetic, write_study_record, PRIVATE_FILE_MODE
+    run, _ = _toy_run(tmp_path)
+    cfg = json.loads((run/'config.json').read_text()); cfg['synthetic'] = True; write_json(run/'config.json', cfg)  # a guess: ignored
+    (tmp_path/'truth.json').write_text('{}'); (run.parent/'truth.json').write_text('{}')                           # means nothing
+    out, fig = tmp_path/'ex', tmp_path/'ex'/'figures'/'best_worst'/'student__A.png'
+    base = ['explain', str(run), '--out', str(out), '--bs', '4', '--no-faithfulness', '--max-images', '3']
+    assert main(base) == 0
+    info = json.loads((out/'explain.json').read_text()); blurred = _sha(fig)
+    assert info['synthetic'] is False and info['show_faces'] is False
+    figs = registered_figures(out).set_index('file')
+    assert figs.loc[str(fig), 'may_show_face'] and not figs.loc[str(out/'figures'/'regions_by_group.png'), 'may_show_face']
+    assert main(base + ['--show-faces']) == 0                         # opt-in: another figure, owner-only
+    shown = _sha(fig); assert shown != blurred and stat.S_IMODE(fig.stat().st_mode) == PRIVATE_FILE_MODE
+    assert json.loads((out/'explain.json').read_text())['show_faces'] is True
+    assert main(base) == 0                                            # back to the default: the unblurred figure is gone
+    assert _sha(fig) == blurred and json.loads((out/'explain.json').read_text())['show_faces'] is False
+    assert (registered_figures(out).status == 'ok').all()
+    h1, reg = Image.open(fig).size[1], out/'regions'/'student__A.csv'; t = reg.stat().st_mtime_ns
+    assert main(base + ['--k', '2', '--seed', '3']) == 0              # more rows per figure, another sample
+    assert Image.open(fig).size[1] > h1 and reg.stat().st_mtime_ns != t
+    # the key covers the package version (and the weights, predictions and images)
+    from mugshotrace.interp import explain_settings
+    from mugshotrace.core import stable_hash
+    k0 = stable_hash(explain_settings(run, {'weights_sha256': 'a'}, {'x': 'y'}, k=1))
+    monkeypatch.setattr(mugshotrace, '__version__', '999.0')
+    assert stable_hash(explain_settings(run, {'weights_sha256': 'a'}, {'x': 'y'}, k=1)) != k0
+    monkeypatch.undo()
+    # the study record of a marked benchmark makes it synthetic: faces shown, figures not owner-only
+    bench = tmp_path/'bench'; (bench/'images').mkdir(parents=True); mark_synthetic(bench); mark_synthetic(bench/'images')
+    write_study_record(tmp_path, 'toy', bench/'labels.csv', bench/'images', tmp_path/'faces')
+    assert main(base) == 0
+    info = json.loads((out/'explain.json').read_text())
+    assert info['synthetic'] is True and info['show_faces'] is True and stat.S_IMODE(fig.stat().st_mode) != PRIVATE_FILE_MODE
 
 def test_explain_bad_input(tmp_path, capsys):
     from mugshotrace.cli import main

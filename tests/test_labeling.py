@@ -238,3 +238,146 @@ def test_kappa_interval_stays_in_range():
     from mugshotrace.labeling import cohen_kappa_ci
     k, lo, hi = cohen_kappa_ci(['a'] * 50 + ['b'] * 49 + ['a'], ['a'] * 50 + ['b'] * 50)
     assert 0.9 < k < 1 and lo < k and hi == 1.0
+
+
+# ---- resume state: inputs and settings hashed, one row per input after a kill at any stage, one writer ----
+from mugshotrace import labeling as LB
+from mugshotrace.core import UserError
+
+
+def _ids(out, id_col='image_id'): return list(pd.read_csv(out, dtype={id_col: str})[id_col])
+
+
+def _one_row_per_input(out, folder):
+    ids = _ids(out)
+    assert len(ids) == len(set(ids)), 'duplicated rows'
+    assert set(ids) == set(list_images(folder).image_id), 'rows differ from the current inputs'
+
+
+def test_other_images_same_out_is_not_a_union(bundle, tmp_path):
+    a = make_images(tmp_path / 'a', 6, seed=1); b = make_images(tmp_path / 'b', 4, seed=2)
+    for f in sorted(b.iterdir()): f.rename(b / f.name.replace('img', 'other'))
+    lab = Labeler.from_dir(bundle, preprocessed=True); out = tmp_path / 'o.csv'
+    label_images(lab, a, out, chunk=2, progress=False)
+    s = label_images(lab, b, out, chunk=2, progress=False)
+    _one_row_per_input(out, b)
+    assert s['n'] == 4 and s['n_new'] == 4
+
+
+def test_changed_file_under_same_id_is_relabelled(bundle, tmp_path):
+    a = make_images(tmp_path / 'a', 5, seed=1)
+    lab = Labeler.from_dir(bundle, preprocessed=True); out = tmp_path / 'o.csv'
+    label_images(lab, a, out, chunk=2, progress=False)
+    before = pd.read_csv(out, dtype={'image_id': str}).set_index('image_id')
+    make_images(tmp_path / 'c', 1, seed=42); (tmp_path / 'c' / 'img00000.jpg').replace(a / 'img00002.jpg')
+    s = label_images(lab, a, out, chunk=2, progress=False)
+    after = pd.read_csv(out, dtype={'image_id': str}).set_index('image_id')
+    assert s['n_new'] == 1 and after.index.is_unique and len(after) == 5
+    ref = label_images(lab, [a / 'img00002.jpg'], tmp_path / 'ref.csv', progress=False)
+    r = pd.read_csv(tmp_path / 'ref.csv', dtype={'image_id': str}).set_index('image_id')
+    assert after.loc['img00002', 'Black_Prob'] == r.loc['img00002', 'Black_Prob'] != before.loc['img00002', 'Black_Prob']
+
+
+def test_other_settings_refused_in_one_line(bundle, tmp_path):
+    a = make_images(tmp_path / 'a', 3, seed=1); out = tmp_path / 'o.csv'
+    label_images(Labeler.from_dir(bundle, preprocessed=True), a, out, progress=False)
+    for kw in ({'bs': 7}, {'tta': True}):
+        with pytest.raises(UserError, match='other settings') as e:
+            label_images(Labeler.from_dir(bundle, preprocessed=True, **kw), a, out, progress=False)
+        assert '\n' not in str(e.value)
+
+
+class Killed(BaseException): "Stands in for SIGKILL: not an Exception, so nothing in the job catches it."
+
+
+def _kill_labelling(monkeypatch, lab, **_):
+    calls = {'n': 0}; real = lab.rows
+    def rows(*a, **k):
+        calls['n'] += 1
+        if calls['n'] == 3: raise Killed
+        return real(*a, **k)
+    monkeypatch.setattr(lab, 'rows', rows)
+
+
+def _kill_merge(monkeypatch, lab, out, **_):
+    real = LB.atomic_write
+    import contextlib
+    @contextlib.contextmanager
+    def half(path, *a, **k):
+        with real(path, *a, **k) as f:
+            yield f
+            if Path(path) == out: f.write('img00001,0.5,'); raise Killed   # mid-file
+    monkeypatch.setattr(LB, 'atomic_write', half)
+
+
+def _kill_before_sidecars(monkeypatch, lab, out, **_):
+    real = LB.write_csv
+    def w(path, *a, **k):
+        if Path(path).name.endswith('.inputs.csv'): raise Killed
+        return real(path, *a, **k)
+    monkeypatch.setattr(LB, 'write_csv', w)
+
+
+def _kill_cleanup(monkeypatch, lab, out, **_):
+    "The clean-up is cut short after it deleted the state file and one part, but not the others."
+    real = LB.shutil.rmtree
+    def rm(path, *a, **k):
+        p = Path(path)
+        if p.name.startswith(f'{out.name}.parts') or p.name.startswith(f'.{out.name}.parts'):
+            if not k.get('ignore_errors'):
+                (p / 'state.json').unlink(missing_ok=True)
+                next(iter(sorted(p.glob('part-*.csv')))).unlink()
+                raise Killed
+        return real(path, *a, **k)
+    monkeypatch.setattr(LB.shutil, 'rmtree', rm)
+
+
+@pytest.mark.parametrize('stage', [_kill_labelling, _kill_merge, _kill_before_sidecars, _kill_cleanup])
+def test_kill_and_resume_at_every_stage(bundle, tmp_path, monkeypatch, stage):
+    "A finished output of an earlier input set, then another input set killed at `stage`, then the same command again."
+    old = make_images(tmp_path / 'old', 9, seed=1)
+    new = make_images(tmp_path / 'new', 12, seed=2)
+    for f in sorted(new.iterdir())[:4]: f.replace(new / f.name.replace('img', 'fresh'))   # 8 ids shared, 4 new
+    (old / 'img00008.jpg').replace(old / 'gone.jpg')                                      # an id only the old set has
+    out = tmp_path / 'o.csv'
+    label_images(Labeler.from_dir(bundle, preprocessed=True), old, out, chunk=3, progress=False)
+    lab = Labeler.from_dir(bundle, preprocessed=True)
+    with monkeypatch.context() as m:
+        stage(m, lab, out=out)
+        with pytest.raises(Killed): label_images(lab, new, out, chunk=3, progress=False)
+    s = label_images(Labeler.from_dir(bundle, preprocessed=True), new, out, chunk=3, progress=False)
+    _one_row_per_input(out, new)
+    assert 'gone' not in _ids(out) and s['n'] == 12
+    assert not (tmp_path / 'o.csv.parts').exists() and not (tmp_path / '.o.csv.parts.trash').exists()
+    # the same numbers as a clean run
+    label_images(Labeler.from_dir(bundle, preprocessed=True), new, tmp_path / 'clean.csv', progress=False)
+    a = pd.read_csv(out, dtype={'image_id': str}).set_index('image_id').sort_index()
+    b = pd.read_csv(tmp_path / 'clean.csv', dtype={'image_id': str}).set_index('image_id').sort_index()
+    pd.testing.assert_frame_equal(a, b)
+
+
+HOLD = 'import sys, time; from filelock import FileLock; l = FileLock(sys.argv[1]); l.acquire(); print("held", flush=True); time.sleep(60)'
+
+
+def test_second_concurrent_label_is_refused(bundle, tmp_path, capsys):
+    a = make_images(tmp_path / 'a', 3, seed=1); out = tmp_path / 'o.csv'
+    p = subprocess.Popen([sys.executable, '-c', HOLD, str(tmp_path / '.o.csv.lock')], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == 'held'
+        assert main(['label', str(bundle), '--images', str(a), '--out', str(out), '--preprocessed']) == 2
+        assert 'another label job' in capsys.readouterr().err and not out.exists()
+    finally: p.kill(); p.wait()
+    assert main(['label', str(bundle), '--images', str(a), '--out', str(out), '--preprocessed']) == 0
+    _one_row_per_input(out, a)
+
+
+def test_hostile_bundle_for_labeler_one_line(bundle, tmp_path):
+    "The labeller reads bundles through models.load_bundle's validation: a bad model.json is a one-line UserError."
+    import shutil as sh
+    b = tmp_path / 'b'; sh.copytree(bundle, b)
+    meta = json.loads((b / 'model.json').read_text())
+    for bad, msg in (({**meta, 'std': [0, 1, 1]}, 'std'), ({**meta, 'weights_file': '../x.safetensors'}, 'inside the bundle folder'),
+                     ({**meta, 'classes': ['Black', 'White', 'Other'], 'n_out': 3}, 'the head has 2 outputs')):
+        (b / 'model.json').write_text(json.dumps(bad))
+        with pytest.raises(UserError, match=msg): Labeler.from_dir(b)
+    with pytest.raises(UserError, match='input_size'): Labeler(build_model('tiny_cnn', 2), {**meta, 'input_size': 'x'})

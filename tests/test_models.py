@@ -86,12 +86,136 @@ def test_imagenet_from_local_file(tmp_path, monkeypatch):
     torch.save(ref.state_dict(), tmp_path/'w.pth')
     with pytest.raises(UserError, match='safetensors'): build_model('resnet18', 2, init=tmp_path/'w.pth')
 
-def test_imagenet_offline_message(monkeypatch, tmp_path):
-    monkeypatch.setenv('MUGSHOTRACE_WEIGHTS', str(tmp_path))
-    with pytest.raises(UserError) as e: build_model('legacy_seresnet50', 2, init='imagenet')
+OFFLINE_VARS = ('MUGSHOTRACE_OFFLINE', 'HF_HUB_OFFLINE', 'TRANSFORMERS_OFFLINE')
+
+@pytest.fixture
+def empty_caches(monkeypatch, tmp_path):
+    "No local weights, empty torch hub and Hugging Face caches, no offline switch set."
+    monkeypatch.setenv('MUGSHOTRACE_WEIGHTS', str(tmp_path/'weights'))
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path/'torch'))
+    monkeypatch.setenv('HF_HUB_CACHE', str(tmp_path/'hf'))
+    for v in OFFLINE_VARS: monkeypatch.delenv(v, raising=False)
+    return tmp_path
+
+@pytest.mark.parametrize('arch,remote', [('legacy_seresnet50', 'se_resnet50-ce0d4300.pth'), ('alexnet', 'alexnet-owt-7be5be79.pth'),
+                                         ('resnet50', 'timm/resnet50.tv_in1k')])
+def test_imagenet_offline_fails_fast(empty_caches, monkeypatch, arch, remote):
+    "A host that never answers (a black-holed network): the clear message comes within seconds, not after minutes of retries."
+    import socket, time
+    def hang(*a, **k): time.sleep(20); raise OSError('timed out')
+    monkeypatch.setattr(socket, 'create_connection', hang)
+    t0 = time.time()
+    with pytest.raises(UserError) as e: build_model(arch, 2, init='imagenet')
+    assert time.time() - t0 < 8, 'offline was not detected at once'
     msg = str(e.value)
-    if 'cannot get' not in msg: pytest.skip('weights were downloadable')
-    assert 'se_resnet50-ce0d4300.pth' in msg and str(tmp_path) in msg and "init='" in msg
+    assert 'offline' in msg and remote in msg and str(empty_caches/'weights') in msg and '.safetensors' in msg
+    assert "init='" in msg and 'fetch_weights' in msg and '\n' not in msg
+
+@pytest.mark.parametrize('var', OFFLINE_VARS)
+def test_imagenet_offline_switch(empty_caches, monkeypatch, var):
+    import time
+    monkeypatch.setenv(var, '1'); t0 = time.time()
+    with pytest.raises(UserError, match=f'offline \\(\\${var} is set\\)'): build_model('resnet18', 2, init='imagenet')
+    assert time.time() - t0 < 3
+
+EVIL = textwrap.dedent('''
+    import os, pickle, sys
+    class Evil:
+        def __reduce__(self): return (os.system, (f'touch {sys.argv[2]}',))
+    with open(sys.argv[1], 'wb') as f: pickle.dump({'features.0.weight': Evil()}, f)
+''')
+
+def test_planted_pickle_in_hub_cache_never_runs(empty_caches, monkeypatch):
+    "A pickle planted where torch hub caches AlexNet's weights would run code on load: it is refused unread, in one line."
+    cache = empty_caches/'torch'/'hub'/'checkpoints'/'alexnet-owt-7be5be79.pth'; cache.parent.mkdir(parents=True)
+    marker = empty_caches/'pwned'
+    subprocess.run([sys.executable, '-c', EVIL, str(cache), str(marker)], check=True)
+    with pytest.raises(UserError) as e: build_model('alexnet', 2, init='imagenet')
+    assert not marker.exists(), 'the planted pickle ran'
+    assert 'sha256' in str(e.value) and 'not loaded' in str(e.value) and '\n' not in str(e.value)
+    # even a file that passed the hash check is read without pickle's code execution
+    from mugshotrace.models import _read_weights
+    with pytest.raises(Exception): _read_weights(cache)
+    assert not marker.exists()
+
+def test_cached_download_with_good_hash_is_used(empty_caches, monkeypatch):
+    "A torch hub cache file whose sha256 matches the prefix in its name is loaded (weights_only) without the network."
+    import hashlib, torchvision
+    from mugshotrace import models as M
+    ref = torchvision.models.alexnet(weights=None)
+    with torch.no_grad(): ref.features[0].weight.fill_(0.5)
+    d = empty_caches/'torch'/'hub'/'checkpoints'; d.mkdir(parents=True)
+    torch.save(ref.state_dict(), d/'tmp.pth')
+    prefix = hashlib.sha256((d/'tmp.pth').read_bytes()).hexdigest()[:8]
+    url = f'https://download.pytorch.org/models/alexnet-owt-{prefix}.pth'
+    (d/'tmp.pth').rename(d/url.rsplit('/', 1)[1])
+    real = M.weight_source
+    monkeypatch.setattr(M, 'weight_source', lambda spec: {**real(spec), 'remote': url, 'cache': d/url.rsplit('/', 1)[1]})
+    monkeypatch.setenv('MUGSHOTRACE_OFFLINE', '1')
+    m = build_model('alexnet', 2, init='imagenet')
+    assert torch.equal(m[0][0].weight, ref.features[0].weight)
+
+# hostile bundles: each is refused with a one-line UserError, never a traceback or a load
+def _good_bundle(root):
+    dls = synthetic_dls(n=2, size=32, n_out=2, bs=2)
+    info = save_bundle(face_learner(dls, 'tiny_cnn', seed=0), root/'b')
+    return root/'b', info
+
+def _json(b, obj): (b/'model.json').write_text(obj if isinstance(obj, str) else json.dumps(obj))
+
+HOSTILE = {
+    'not json': ('{"arch": "tiny_cnn", ', 'not valid JSON'),
+    'a list': ('[1, 2]', 'not a valid model bundle'),
+    'missing arch': (lambda i: {k: v for k, v in i.items() if k != 'arch'}, "'arch' is a required property"),
+    'missing sha': (lambda i: {k: v for k, v in i.items() if k != 'weights_sha256'}, 'weights_sha256'),
+    'classes a string': (lambda i: {**i, 'classes': 'c0c1'}, 'classes'),
+    'input_size a string': (lambda i: {**i, 'input_size': 'big'}, 'input_size'),
+    'mean of 2': (lambda i: {**i, 'mean': [0.5, 0.5]}, 'mean'),
+    'zero std': (lambda i: {**i, 'std': [0, 1, 1]}, 'std'),
+    'sha not hex': (lambda i: {**i, 'weights_sha256': 'x' * 64}, 'weights_sha256'),
+    'unknown arch': (lambda i: {**i, 'arch': 'lenet'}, 'unknown architecture'),
+    'parent path': (lambda i: {**i, 'weights_file': '../other/model.safetensors'}, 'inside the bundle folder'),
+    'absolute path': (lambda i: {**i, 'weights_file': 'ABS'}, 'inside the bundle folder'),
+    'n_out vs classes': (lambda i: {**i, 'n_out': 3}, 'n_out is 3'),
+    'more classes than the head': (lambda i: {**i, 'classes': ['a', 'b', 'c'], 'n_out': 3}, 'the head has 2 outputs'),
+    'other arch': (lambda i: {**i, 'arch': 'resnet18'}, 'does not fit the architecture'),
+    'future format': (lambda i: {**i, 'format_version': 99}, 'format_version'),
+}
+
+@pytest.mark.parametrize('case', list(HOSTILE))
+def test_hostile_bundle_one_line_error(tmp_path, case):
+    b, info = _good_bundle(tmp_path)
+    other, _ = _good_bundle(tmp_path/'x'); (tmp_path/'other').mkdir(); (tmp_path/'other'/'model.safetensors').write_bytes((other/'model.safetensors').read_bytes())
+    obj, expect = HOSTILE[case]
+    obj = obj(info) if callable(obj) else obj
+    if isinstance(obj, dict) and obj.get('weights_file') == 'ABS': obj['weights_file'] = str(tmp_path/'other'/'model.safetensors')
+    _json(b, obj)
+    with pytest.raises(UserError) as e: load_bundle(b)
+    assert expect in str(e.value) and '\n' not in str(e.value), str(e.value)
+
+def test_bundle_weights_symlink_out_refused(tmp_path):
+    b, info = _good_bundle(tmp_path)
+    (tmp_path/'outside.safetensors').write_bytes((b/'model.safetensors').read_bytes())
+    (b/'link.safetensors').symlink_to(tmp_path/'outside.safetensors')
+    _json(b, {**info, 'weights_file': 'link.safetensors'})
+    with pytest.raises(UserError, match='outside the bundle folder'): load_bundle(b)
+    _json(b, info); assert load_bundle(b)[1]['classes'] == ['c0', 'c1']
+
+def test_bundle_truncated_weights_one_line(tmp_path):
+    "A weights file that is not safetensors at all, with a matching hash in model.json: a one-line error."
+    from mugshotrace.core import sha256_file
+    b, info = _good_bundle(tmp_path)
+    (b/'model.safetensors').write_bytes(b'garbage')
+    _json(b, {**info, 'weights_sha256': sha256_file(b/'model.safetensors')})
+    with pytest.raises(UserError, match='not a readable safetensors file'): load_bundle(b)
+
+def test_cli_label_hostile_bundle_exit_2(tmp_path, capsys):
+    from mugshotrace.cli import main
+    b, info = _good_bundle(tmp_path); _json(b, {**info, 'weights_file': '../../etc/passwd'})
+    (tmp_path/'imgs').mkdir()
+    assert main(['label', str(b), '--images', str(tmp_path/'imgs'), '--out', str(tmp_path/'o.csv')]) == 2
+    err = capsys.readouterr().err
+    assert 'inside the bundle folder' in err and 'Traceback' not in err
 
 ROUNDTRIP = textwrap.dedent('''
     import sys, torch, json

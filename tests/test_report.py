@@ -1,10 +1,12 @@
-"Model cards (schema, completeness), the study report (self-contained, privacy blur, headless Chromium), and the CLI."
-import base64, io, json, re, shutil, subprocess, tempfile
+"""Model cards (schema, completeness), the study report (self-contained, privacy: registered figures only, blur, explicit
+synthetic record, escaping, owner-only files; headless Chromium), and the CLI."""
+import base64, hashlib, html.parser, io, json, os, re, shutil, stat, subprocess, tempfile
 from pathlib import Path
 import numpy as np, pandas as pd, pytest
 from PIL import Image
 
-from mugshotrace.core import sample_face_photos, write_json
+from mugshotrace.core import (sample_face_photos, write_json, register_figure, registered_figures, mark_synthetic,
+                              write_study_record, PRIVATE_FILE_MODE)
 from mugshotrace.model_cards import example_study, load_audit, model_card, find_runs
 from mugshotrace.report import study_report
 from mugshotrace.cli import main
@@ -49,9 +51,12 @@ def _confounding(root):
     d.to_csv(root / 'runs' / 'r1' / 'confounding' / 'confounding.csv', index=False)
 
 
-def _face_png(path, size=(240, 300)):
-    im = Image.open(sample_face_photos()['grace_hopper']).convert('RGB').resize(size)
-    path.parent.mkdir(parents=True, exist_ok=True); im.save(path); return im
+def _face_png(path, size=(240, 300), register=True, which='grace_hopper'):
+    "A face photo at `path`, registered as a report figure that may show a face (as the interpretation stage does)."
+    im = Image.open(sample_face_photos()[which]).convert('RGB').resize(size)
+    path.parent.mkdir(parents=True, exist_ok=True); im.save(path)
+    if register: register_figure(path, may_show_face=True, caption='best and worst images')
+    return im
 
 
 def _embedded(html, alt):
@@ -135,9 +140,14 @@ def test_report_self_contained_links_cards_and_blurs_faces(study):
     assert _sharpness(blurred) < 0.35 * _sharpness(orig)  # real data: blurred by default
     h2 = study_report(study, out=study / 'out' / 'faces.html', show_faces=True).read_text()
     assert np.array_equal(np.asarray(_embedded(h2, 'best_worst')), np.asarray(orig))  # explicit opt-in: as it is
-    (study / 'truth.json').write_text('{}')  # the synthetic benchmark: shown as it is
-    h3 = study_report(study, out=study / 'out' / 'synth.html').read_text()
-    assert np.array_equal(np.asarray(_embedded(h3, 'best_worst')), np.asarray(orig)) and 'synthetic data' in h3
+    (study / 'truth.json').write_text('{}')  # a truth.json means nothing: still real data, still blurred
+    h3 = study_report(study, out=study / 'out' / 'truth.html').read_text()
+    assert _sharpness(_embedded(h3, 'best_worst')) < 0.35 * _sharpness(orig) and 'synthetic data' not in h3
+    bench = study.parent / 'bench'; (bench / 'images').mkdir(parents=True)  # the study record of a marked benchmark
+    mark_synthetic(bench); mark_synthetic(bench / 'images')
+    write_study_record(study, 'synth', bench / 'labels.csv', bench / 'images', study / 'faces')
+    h4 = study_report(study, out=study / 'out' / 'synth.html').read_text()
+    assert np.array_equal(np.asarray(_embedded(h4, 'best_worst')), np.asarray(orig)) and 'synthetic data' in h4
 
 
 def test_cli_report(study, capsys):
@@ -157,7 +167,8 @@ def _chromium():
 @pytest.mark.skipif(_chromium() is None, reason='headless Chromium is not installed (apt-get install chromium; .ci/run installs it)')
 def test_report_renders_in_headless_chromium(audited, tmp_path):
     p = study_report(audited, out=tmp_path / 'report.html')
-    n_png = len([f for f in audited.rglob('*.png') if not f.name.startswith('model_card')])   # cards keep their own figure
+    figs = registered_figures(audited)
+    n_png = int(((figs.status == 'ok') & ~figs.file.str.contains('model_card')).sum())   # cards keep their own figure
     # a probe script appended to a copy (the report itself has no script): counts tables and broken images after load
     probe = ("<script>window.addEventListener('load',()=>{const im=[...document.images];"
              "document.body.setAttribute('data-probe',JSON.stringify({imgs:im.length,broken:im.filter(i=>!i.complete||i.naturalWidth===0).length,"
@@ -175,3 +186,146 @@ def test_report_renders_in_headless_chromium(audited, tmp_path):
     assert info['imgs'] == 1 + n_png and info['broken'] == 0  # the caterpillar plot and every stage figure
     assert info['tables'] >= 6 and info['sections'] == 7  # runs, groups, extremes, tests, table, stages, figures
     assert 'Uncaught' not in r.stderr and 'Failed to load resource' not in r.stderr
+
+
+# ---------------------------------------------------------------- privacy over a realistic real-data layout
+class _Tags(html.parser.HTMLParser):
+    "Every start tag with its attributes."
+    def __init__(self):
+        super().__init__(); self.tags = []
+    def handle_starttag(self, tag, attrs): self.tags.append((tag, dict(attrs)))
+
+def _tags(text):
+    p = _Tags(); p.feed(text); p.close(); return p.tags
+
+def _live_markup(text, allowed_img=('data:image/png;base64,',)):
+    "Markup in an HTML page that did not come from mugshotrace: script/svg/iframe elements, on* attributes, foreign images."
+    bad = []
+    for tag, attrs in _tags(text):
+        if tag in ('script', 'svg', 'iframe', 'object', 'embed', 'math'): bad.append(tag)
+        bad += [f'{tag} {k}' for k in attrs if k.lower().startswith('on')]
+        if tag == 'img' and not str(attrs.get('src', '')).startswith(allowed_img): bad.append(f'img {attrs.get("src")}')
+        bad += [f'{tag} {k}=javascript' for k, v in attrs.items() if 'javascript:' in str(v).lower()]
+    return bad
+
+def _img_payloads(text):
+    "Decoded pixels (RGB arrays) of every embedded image, keyed by alt text."
+    return {a.get('alt'): np.asarray(Image.open(io.BytesIO(base64.b64decode(a['src'].split(',', 1)[1]))).convert('RGB'))
+            for t, a in _tags(text) if t == 'img'}
+
+def _pixel_hash(a): return hashlib.sha256(np.ascontiguousarray(a).tobytes() + str(a.shape).encode()).hexdigest()
+
+
+@pytest.fixture
+def real_layout(tmp_path):
+    """The GPU tutorial's layout of a real study, with a marked synth benchmark in a parent folder: face crops, raw
+    photos, a confound paths.png and explanation figures inside the reported folder."""
+    from mugshotrace.core import save_figure
+    from mugshotrace.report import caterpillar
+    project = tmp_path / 'project'
+    (project / 'images').mkdir(parents=True)                # a synth benchmark right above the study: marked, with truth
+    mark_synthetic(project); mark_synthetic(project / 'images'); (project / 'truth.json').write_text('{"images": {}}')
+    root = example_study(project / 'study', runs=('r1', 'r2'))
+    raw = {}
+    for i, which in enumerate(['grace_hopper', 'grace_hopper', *sample_face_photos()][:3]):
+        raw[f'crop{i}'] = _face_png(root / 'faces' / 'openface' / 'images' / f'crop{i}.png', (96, 96), register=False, which=which)
+        raw[f'photo{i}'] = _face_png(root / 'images' / f'photo{i}.png', (240, 300), register=False, which=which)
+    pd.DataFrame({'image_id': ['crop0'], 'variant': 'openface', 'status': 'ok'}).to_csv(root / 'faces' / 'openface' / 'manifest.csv', index=False)
+    # registered figures: faces (explain best/worst, confound paths), numbers (region bars), one changed after registration
+    faces = {'best_worst': _face_png(root / 'runs' / 'r1' / 'explain' / 'figures' / 'best_worst' / 'court__Black.png'),
+             'paths': _face_png(root / 'runs' / 'r1' / 'confound' / 'paths.png', (300, 200))}
+    d = pd.DataFrame({'run_id': ['r1'], 'test_set': ['t'], 'group': ['BH'], 'metric': 'accuracy', 'value': [.8], 'ci_low': [.7], 'ci_high': [.9]})
+    save_figure(caterpillar(d), root / 'runs' / 'r1' / 'explain' / 'figures' / 'regions_by_group.png', may_show_face=False, close=True)
+    _face_png(root / 'runs' / 'r2' / 'explain' / 'figures' / 'best_worst' / 'changed.png')
+    _face_png(root / 'runs' / 'r2' / 'explain' / 'figures' / 'best_worst' / 'changed.png', register=False, which='grace_hopper')
+    Image.fromarray(np.asarray(raw['photo0'])[::-1].copy()).save(root / 'runs' / 'r2' / 'explain' / 'figures' / 'best_worst' / 'changed.png')
+    _face_png(root / 'runs' / 'r2' / 'interp' / 'unregistered_face.png', register=False)   # name looks harmless/face: never embedded
+    _face_png(root / 'runs' / 'r2' / 'interp' / 'heatmap.png', register=False)
+    return root, raw, faces
+
+
+def test_report_of_a_real_layout_embeds_only_registered_figures_blurred(real_layout):
+    root, raw, faces = real_layout
+    p = study_report(root)
+    h = p.read_text()
+    imgs = _img_payloads(h)
+    # embedded: the caterpillar plot and the three registered, unchanged figures; nothing else under the folder
+    assert set(imgs) == {'accuracy per group with intervals', 'court__Black', 'paths', 'regions_by_group'}, set(imgs)
+    assert 'changed.png (changed since it was registered)' in h
+    assert 'unregistered_face' not in h and 'heatmap' not in h and 'crop0' not in h and 'photo0' not in h
+    # every face-bearing figure measurably blurred (real data: the benchmark's marker and truth.json above do not count)
+    for alt, im in faces.items():
+        assert _sharpness(Image.fromarray(imgs['court__Black' if alt == 'best_worst' else alt]).convert('L')) < 0.35 * _sharpness(im.convert('L')), alt
+    # no raw crop or photo anywhere in the page: neither its file's base64 nor its pixels (at any embedded size)
+    for k, im in raw.items():
+        f = next(root.rglob(f'{k}.png'))
+        assert base64.b64encode(f.read_bytes()).decode()[:200] not in h
+        assert _pixel_hash(np.asarray(im)) not in {_pixel_hash(a) for a in imgs.values()}, k
+    assert 'synthetic data' not in h and 'blurred' in h and 'owner-only' in h
+    # owner-only: the report, the datasheet and the model cards of a real study
+    for f in [p, root / 'datasheet.md', *root.glob('runs/*/model_card.*')]:
+        assert stat.S_IMODE(f.stat().st_mode) == PRIVATE_FILE_MODE, f
+    assert not _live_markup(h)
+    # opting in shows the faces as they are; --shareable widens the permissions
+    h2 = study_report(root, out=root / 'faces.html', show_faces=True, private=False)
+    assert np.array_equal(_img_payloads(h2.read_text())['paths'], np.asarray(faces['paths']))
+    um = os.umask(0); os.umask(um)
+    assert stat.S_IMODE(h2.stat().st_mode) == 0o666 & ~um
+
+
+def test_cli_report_private_by_default_and_shareable(real_layout, capsys):
+    root, _, _ = real_layout
+    assert main(['report', str(root), '--out', str(root / 'a.html')]) == 0
+    assert stat.S_IMODE((root / 'a.html').stat().st_mode) == PRIVATE_FILE_MODE
+    assert main(['report', str(root), '--out', str(root / 'b.html'), '--shareable']) == 0
+    assert stat.S_IMODE((root / 'b.html').stat().st_mode) != PRIVATE_FILE_MODE
+    assert main(['report', str(root), '--out', str(root / 'c.html'), '--synthetic']) == 0   # explicit: shown as they are
+    assert 'synthetic data' in (root / 'c.html').read_text()
+
+
+# ---------------------------------------------------------------- hostile text in every free-text field
+EVIL = ['<script>alert(1)</script>', '<img src=x onerror=alert(1)>', '"><svg onload=alert(1)>', "'><svg/onload=alert(2)>",
+        '<a href="javascript:alert(3)">x</a>']
+
+def _evil(i): return f'x{i}{EVIL[i % len(EVIL)]}'
+
+def test_hostile_markup_in_every_field_stays_inert(tmp_path):
+    "Markup planted in every free-text field a study, label table or bundle can carry is never live in the outputs."
+    mdit = pytest.importorskip('markdown_it')
+    root = tmp_path / 'study'; rows = []; rng = np.random.default_rng(0)
+    rid, arch, var, src, task, ts, grp = _evil(0), _evil(1), _evil(2), _evil(3), _evil(4), _evil(5), _evil(6)
+    run = root / 'runs' / 'r1'
+    write_json(run / 'config.json', {'run_id': rid, 'name': _evil(7), 'arch': arch, 'variant': var, 'label_source': src,
+                                     'task': {'name': task, 'classes': [_evil(8), _evil(9)]}, 'init': '/models/' + _evil(10) + '.safetensors',
+                                     'sampling': {'note': _evil(11)}, 'study': {'name': _evil(12), 'description': _evil(13)}})
+    write_json(run / 'state.json', {'state': _evil(14)})
+    write_json(run / 'model.json', {'arch': arch, 'classes': [_evil(8), _evil(9)], 'input_size': _evil(15), 'mean': _evil(16),
+                                    'std': [.5] * 3, 'weights_sha256': _evil(17), 'mugshotrace_version': _evil(18), 'created': _evil(19),
+                                    'training_data': {'source': _evil(20), 'labels': [_evil(21)]}, 'variant': var, 'init': _evil(22)})
+    for g in ('all', grp, _evil(23)):
+        for m in ('accuracy', f'recall:{_evil(8)}'):
+            v = rng.uniform(.6, .9)
+            rows.append(dict(run_id=rid, arch=arch, variant=var, label_source=src, task=task, test_set=ts, group=g, metric=m,
+                             value=v, ci_low=v - .05, ci_high=v + .05, n=50, p_value=.01 if g != 'all' else np.nan, q_value=.02 if g != 'all' else np.nan))
+    (root / 'audit').mkdir(parents=True); pd.DataFrame(rows).to_csv(root / 'audit' / 'audit.csv', index=False)
+    pd.DataFrame({'target_label': [_evil(24)], 'group': [_evil(25)], 'metric': 'confounding', 'value': [.4], 'ci_low': [.3],
+                  'ci_high': [.5], 'n': [10]}).to_csv(run / 'confound.csv', index=False)
+    pd.DataFrame({'region': [_evil(26)], _evil(27): [_evil(28)]}).to_csv(run / 'region_differences.csv', index=False)
+    pd.DataFrame({'image_id': ['a', 'b'], 'person_id': [_evil(29), 'p'], f'race_{_evil(30)}': [_evil(31), 'White'],
+                  'ethnicity_court': [_evil(32), '']}).to_csv(root / 'labels.csv', index=False)
+    (root / 'faces' / _evil(33).replace('/', '')).mkdir(parents=True)
+    pd.DataFrame({'variant': [_evil(33)], 'status': [_evil(34)]}).to_csv(next((root / 'faces').iterdir()) / 'manifest.csv', index=False)
+    write_json(run / 'bulk.csv.agreement.json', {'n': 3, 'accuracy': .5, 'label_col': _evil(35), 'kappa': {}})
+    fig = run / 'explain' / 'figures' / 'f.png'; _face_png(fig, register=False); register_figure(fig, may_show_face=False, caption=_evil(36))
+    p = study_report(root, title=_evil(37))
+    outs = {'report': p.read_text(), 'card': (run / 'model_card.html').read_text()}
+    md = mdit.MarkdownIt('commonmark')     # html on, as a lax viewer renders it
+    outs['card.md'] = md.render((run / 'model_card.md').read_text()); outs['datasheet'] = md.render((root / 'datasheet.md').read_text())
+    for name, text in outs.items():
+        ok_img = ('data:image/png;base64,', 'model_card_accuracy.png')   # our own figures only
+        assert not _live_markup(text, ok_img), (name, _live_markup(text, ok_img))
+        assert '&lt;script&gt;' in text or '&lt;img' in text or '&lt;svg' in text, name    # the text is there, escaped
+    rep = outs['report']
+    for i in (0, 1, 3, 10, 14, 36, 37):   # run id, arch, label source, init path, state, figure caption, title reach the report
+        assert _evil(i).replace('&', '&amp;').replace('<', '&lt;').replace('>', '&gt;').split('"')[0] in rep, i
+    assert 'x31' in outs['datasheet'] and 'x30' in outs['datasheet']

@@ -281,3 +281,16 @@ def test_refuses_to_mix_configs(tmp_path):
     with pytest.raises(UserError, match='another config'): make_benchmark(tmp_path/'o', SynthConfig(people=1, seed=2), progress=False)
     (tmp_path/'x').mkdir(); (tmp_path/'x'/'keep.txt').write_text('mine')
     with pytest.raises(UserError, match='not empty'): make_benchmark(tmp_path/'x', SynthConfig(people=1), progress=False)
+
+def test_benchmark_carries_the_explicit_synthetic_marker(bench, tmp_path):
+    "synth marks the benchmark and its images/ (the only way data count as synthetic); a study built from it records it."
+    from mugshotrace.core import SYNTH_MARKER, is_marked_synthetic, write_study_record, study_is_synthetic
+    assert is_marked_synthetic(bench) and is_marked_synthetic(bench/'labels.csv') and is_marked_synthetic(bench/'images')
+    info = json.loads((bench/SYNTH_MARKER).read_text())
+    assert info['synthetic'] is True and info['config_hash']
+    rec = write_study_record(tmp_path/'study', 'from-synth', bench/'labels.csv', bench, tmp_path/'faces')
+    assert rec['synthetic'] is True and study_is_synthetic(tmp_path/'study')
+    # a look-alike (same files, a truth.json, but no marker) is real data: fails closed
+    fake = tmp_path/'fake'; (fake/'images').mkdir(parents=True)
+    (fake/'truth.json').write_text((bench/'truth.json').read_text()); (fake/'labels.csv').write_text((bench/'labels.csv').read_text())
+    assert not is_marked_synthetic(fake) and not write_study_record(tmp_path/'s2', 'x', fake/'labels.csv', fake, tmp_path/'f')['synthetic']
