@@ -16,7 +16,7 @@ predictions and 1,000 replicates (measured 2,036 s on a loaded 2-core machine; o
 import argparse, time, warnings
 import numpy as np
 import pandas as pd
-from mugshotrace.audit_stats import audit_predictions, add_qvalues, simulate_predictions
+from mugshotrace.audit.stats import audit_predictions, add_qvalues, simulate_predictions
 
 def fairlearn_audit(df, classes, n_boot, seed):
     "The same per-group point estimates and bootstrap intervals with fairlearn MetricFrame (one per attribute)."

@@ -1,4 +1,4 @@
-"""Benchmarks of `mugshotrace.faces`, each a ratio against a baseline run in the same invocation.
+"""Benchmarks of `mugshotrace.faces.preprocess`, each a ratio against a baseline run in the same invocation.
 
 1. openface: `preprocess(workers=W)` (process pool) vs a naive single-process loop producing the same files, in this
    process (alternating slices) and cold (`cold`: each side in a fresh interpreter, every start-up cost counted);
@@ -8,7 +8,7 @@
 3. openface detection on a downscaled copy (`detect_max_side`, landmarks still on the full image) vs the faithful
    full-image detection: speed and what changes in the output (status, box, landmarks, pixels).
 
-Images: the synth benchmark (`mugshotrace.synth.make_benchmark`) when that module exists, else mugshot-sized
+Images: the synth benchmark (`mugshotrace.synth.benchmark.make_benchmark`) when that module exists, else mugshot-sized
 (480x600) rotations/scalings/brightness changes of the two real photos shipped with matplotlib and scikit-image.
 
     python bench/bench_faces.py [--n 500] [--workers 2] [--batch-size 16] [--n-mtcnn N] [--out DIR] [--only pool,cold,mtcnn,downscale]
@@ -21,7 +21,7 @@ from PIL import Image
 def make_images(d:Path, n:int, seed:int=0)->tuple[pd.DataFrame, Path, str]:
     "n images in `d` and their table; (table, images_root, source description)."
     try:
-        from mugshotrace.synth import make_benchmark, SynthConfig
+        from mugshotrace.synth.benchmark import make_benchmark, SynthConfig
         people = int(n / 1.7 * 1.15) + 2                     # ~1.7 bookings per person by default
         while True:
             root = make_benchmark(d/f'synth{people}', SynthConfig(people=people, seed=seed), workers=2, progress=False)
@@ -47,8 +47,8 @@ def naive_openface(tab, root, out:Path, size):
     "The baseline: a plain loop, one process, writing the same files as `preprocess`."
     import cv2
     from mugshotrace.core import load_rgb, ImageError
-    from mugshotrace.faces_align import align_openface
-    from mugshotrace.faces import output_name
+    from mugshotrace.faces.align import align_openface
+    from mugshotrace.faces.preprocess import output_name
     (out/'images').mkdir(parents=True, exist_ok=True); n_ok = 0
     for iid, p in zip(tab.image_id, tab.path):
         try: fc = align_openface(load_rgb(root/p, min_size=20)[0], size)
@@ -58,7 +58,7 @@ def naive_openface(tab, root, out:Path, size):
 
 def bench_pool(tab, root, tmp, workers, size, blocks=5):
     "Alternate naive and pooled runs over `blocks` slices of the table, so that drifting load hits both alike."
-    from mugshotrace.faces import preprocess
+    from mugshotrace.faces.preprocess import preprocess
     t_naive = t_pool = 0.; n_ok_naive = n_ok_pool = 0; same = True
     for k, sl in enumerate(np.array_split(np.arange(len(tab)), blocks)):
         part = tab.iloc[sl]
@@ -97,7 +97,7 @@ def bench_mtcnn(tab, root, batch_size, streams=2):
     from concurrent.futures import ThreadPoolExecutor
     from facenet_pytorch import MTCNN
     from mugshotrace.core import load_rgb
-    from mugshotrace.faces_mtcnn import mtcnn_detect, mtcnn_model, default_device, split_torch_threads
+    from mugshotrace.faces.mtcnn import mtcnn_detect, mtcnn_model, default_device, split_torch_threads
     imgs = [load_rgb(root/p)[0] for p in tab.path]
     shape = max({a.shape for a in imgs}, key=[a.shape for a in imgs].count); imgs = [a for a in imgs if a.shape == shape]
     dev = default_device(); mt = MTCNN(select_largest=True, keep_all=True, device=dev); mtcnn_model(device=dev)
@@ -126,7 +126,7 @@ def bench_downscale(tab, root, sides=(320,), upscale=(1, 2.5)):
     "Faithful full-image detection vs detection on a downscaled copy (landmarks on the full image)."
     import cv2
     from mugshotrace.core import load_rgb, ImageError
-    from mugshotrace.faces_align import align_openface
+    from mugshotrace.faces.align import align_openface
     base = [load_rgb(root/p)[0] for p in tab.path]
     for up in upscale:
         imgs = base if up == 1 else [cv2.resize(a, None, fx=up, fy=up, interpolation=cv2.INTER_CUBIC) for a in base]

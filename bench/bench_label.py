@@ -24,15 +24,15 @@ def make_images(folder, n, size=(120, 150), seed=0):
 
 
 def make_bundle(d, arch, size):
-    from mugshotrace.models import build_model, save_bundle
+    from mugshotrace.train.models import build_model, save_bundle
     save_bundle(build_model(arch, 2, 'random', seed=0), d, {'arch': arch, 'classes': ['Black', 'White'], 'input_size': size, 'variant': 'resized'})
     return d
 
 
 def fastai_baseline(bundle, files, bs):
     from fastai.vision.all import Learner, CrossEntropyLossFlat
-    from mugshotrace.data import face_dataloaders, test_dl
-    from mugshotrace.models import load_bundle
+    from mugshotrace.train.data import face_dataloaders, test_dl
+    from mugshotrace.train.models import load_bundle
     model, meta = load_bundle(bundle)
     items = pd.DataFrame({'image_id': ['a', 'b', 'c', 'd'], 'file': files[:4], 'label': meta['classes'] * 2, 'is_valid': [False, True] * 2})
     dls = face_dataloaders(items, meta['input_size'], meta['mean'], meta['std'], bs=bs, aug=False, classes=meta['classes'])
@@ -52,7 +52,7 @@ def _fresh(out):
 
 
 def ours(bundle, images, out, bs, workers, chunk):
-    from mugshotrace.labeling import Labeler, label_images
+    from mugshotrace.bulk.label import Labeler, label_images
     _fresh(out)
     lab = Labeler.from_dir(bundle, preprocessed=True, bs=bs, workers=workers)
     t = time.perf_counter()
@@ -64,7 +64,7 @@ def memory_child(bundle, images, out, chunk):
     "Run in a subprocess: label `images`, print peak RSS and tracemalloc peak as JSON."
     import tracemalloc
     tracemalloc.start()
-    from mugshotrace.labeling import Labeler, label_images
+    from mugshotrace.bulk.label import Labeler, label_images
     _fresh(out)
     label_images(Labeler.from_dir(bundle, preprocessed=True), images, out, chunk=chunk, progress=False)
     _, peak = tracemalloc.get_traced_memory()

@@ -18,7 +18,7 @@ from PIL import Image
 def make_images(out: Path, n: int, seed: int = 0) -> pd.DataFrame:
     "n mugshot-sized (480x600) JPEGs with a class-dependent brightness; the synth benchmark is used when present."
     try:
-        from mugshotrace import synth
+        from mugshotrace.synth import benchmark as synth
         root = synth.make_benchmark(out/'synth', synth.SynthConfig(), progress=False)
         df = pd.read_csv(Path(root)/'labels.csv').head(n)
         return df.assign(label=df.race_court, root=str(root))
@@ -48,8 +48,8 @@ def main():
     import torch
     from fastai.vision.all import ImageDataLoaders, Resize, ResizeMethod, vision_learner, aug_transforms, accuracy, Normalize, imagenet_stats
     from torchvision.models import resnet18
-    from mugshotrace import faces, data as D
-    from mugshotrace.models import face_learner, get_arch
+    from mugshotrace.faces import preprocess as faces; from mugshotrace.train import data as D
+    from mugshotrace.train.models import face_learner, get_arch
     from mugshotrace.core import seed_everything
     tmp = Path(tempfile.mkdtemp(prefix='bench_train_'))
     try:

@@ -5,12 +5,12 @@ import numpy as np
 import pandas as pd
 import pytest
 from mugshotrace.core import UserError, write_csv
-from mugshotrace.audit import (disaggregate, wilson_interval, clopper_pearson_interval, _boot_cm, _boot_ece_sums,
+from mugshotrace.audit.metrics import (disaggregate, wilson_interval, clopper_pearson_interval, _boot_cm, _boot_ece_sums,
                                expected_calibration_error, percentile_interval)
-from mugshotrace.audit_stats import (audit_predictions, add_qvalues, simulate_predictions, known_bias_check, flag_rate,
+from mugshotrace.audit.stats import (audit_predictions, add_qvalues, simulate_predictions, known_bias_check, flag_rate,
                                      newcombe_interval, mcnemar_test, paired_comparison)
-from mugshotrace.selfaudit import fabricate_runs, audit_runs, add_audit_parser, find_runs, AuditFrame, AUDIT_COLUMNS
-from mugshotrace.audit_factors import design_factor_effects
+from mugshotrace.audit.selfaudit import fabricate_runs, audit_runs, add_audit_parser, find_runs, AuditFrame, AUDIT_COLUMNS
+from mugshotrace.audit.factors import design_factor_effects
 
 
 def _data(seed, classes, n=2000):
@@ -257,7 +257,7 @@ def test_cli_bad_input(tmp_path):
 
 def test_proportion_intervals_contain_the_estimate_exactly():
     "Wilson and Clopper–Pearson contain k/n for every k, n (no rounding escapes at k = 0 or k = n)."
-    from mugshotrace.audit import wilson_interval, clopper_pearson_interval
+    from mugshotrace.audit.metrics import wilson_interval, clopper_pearson_interval
     n = np.repeat(np.arange(1, 301), np.arange(1, 301) + 1); k = np.concatenate([np.arange(m + 1) for m in range(1, 301)])
     for f in (wilson_interval, clopper_pearson_interval):
         lo, hi = f(k, n); p = k / n
@@ -266,7 +266,7 @@ def test_proportion_intervals_contain_the_estimate_exactly():
 # ---------------------------------------------------------------- which runs count, missing groups, malformed files (issue 13)
 import json, hashlib
 from mugshotrace.core import RunPaths, write_json, write_bytes, registered_figures
-from mugshotrace.audit import MISSING_LEVEL
+from mugshotrace.audit.metrics import MISSING_LEVEL
 
 
 def _small_study(root, **kw):

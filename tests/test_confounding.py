@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from mugshotrace.core import UserError, read_json, torch_device
-from mugshotrace.confounding import (ConfoundConfig, fit_equalized_odds, equalized_odds_gap, oracle_error_table,
+from mugshotrace.confounding.xgems import (ConfoundConfig, fit_equalized_odds, equalized_odds_gap, oracle_error_table,
                                      confounding_table, train_classifier, fit_tensors)
-from mugshotrace.confounding_probe import (procedural_shapes, confounding_experiment, confound_run, BlackBox,
+from mugshotrace.confounding.probe import (procedural_shapes, confounding_experiment, confound_run, BlackBox,
                                            predict_probs, plot_counterfactual_paths)
 from mugshotrace.core import save_figure
 
@@ -103,7 +103,7 @@ def test_degenerate_inputs_raise_user_errors(tmp_path):
 def _make_run(root, n=640, size=32):
     "A finished run folder: tiny_cnn bundle trained on procedural images, preds/ with race/ethnicity columns."
     from PIL import Image
-    from mugshotrace.models import build_model, save_bundle, get_arch
+    from mugshotrace.train.models import build_model, save_bundle, get_arch
     from mugshotrace.core import write_csv, write_json
     x, t, p = procedural_shapes(n, size, seed=3)
     spec = get_arch('tiny_cnn')
@@ -173,7 +173,7 @@ def test_search_creates_no_tensor_without_a_device():
     """A CPU stand-in for the GPU path: under `torch.device('meta')` every tensor created without an explicit device
     lands on 'meta' and cannot mix with the CPU ones, so the search, prediction and reconstruction metrics would fail
     here exactly where they would put a tensor on the CPU while the networks sit on a GPU."""
-    from mugshotrace.confounding import ConvAutoencoder, latent_counterfactuals, reconstruction_quality, SmallCNN
+    from mugshotrace.confounding.xgems import ConvAutoencoder, latent_counterfactuals, reconstruction_quality, SmallCNN
     torch.manual_seed(0)
     ae = ConvAutoencoder(32, 16, 16).eval(); bb = BlackBox(SmallCNN(2), ('a', 'b'), 32, (0.5,) * 3, (0.25,) * 3)
     x = torch.rand(12, 3, 32, 32)
@@ -227,8 +227,8 @@ def test_confound_run_on_gpu(tmp_path):
 def test_synth_benchmark_confounded_higher(tmp_path):
     """The seed's experiment on the synth benchmark: target ethnicity (face geometry), protected race (skin lightness);
     A trained where every Hispanic face is Black and every NonHispanic face is White, B on unconfounded data."""
-    synth = pytest.importorskip('mugshotrace.synth', reason='the synth module has not landed')
-    from mugshotrace.confounding_probe import synth_experiment
+    synth = pytest.importorskip('mugshotrace.synth.benchmark', reason='the synth module has not landed')
+    from mugshotrace.confounding.probe import synth_experiment
     bench = tmp_path/'bench'
     synth.make_benchmark(bench, synth.SynthConfig(people=900, width=160, height=200,
                                                   shares={'BH': .25, 'WH': .25, 'BnH': .25, 'WnH': .25}))

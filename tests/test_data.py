@@ -2,10 +2,10 @@
 import numpy as np, pandas as pd, pytest, torch
 from PIL import Image
 from mugshotrace.core import sample_face_photos, UserError
-from mugshotrace.data import items_from, face_dataloaders, arch_stats
+from mugshotrace.train.data import items_from, face_dataloaders, arch_stats
 from mugshotrace import data as mdata  # (test_dl imported bare would be collected by pytest)
-from mugshotrace.labels import race2
-from mugshotrace.sampling import balanced_sample, restrict_sample
+from mugshotrace.labels.tables import race2
+from mugshotrace.labels.sampling import balanced_sample, restrict_sample
 
 VARIANTS = ('original', 'resized', 'openface', 'mtcnn')
 
@@ -99,7 +99,7 @@ def test_bad_items_are_user_errors(tmp_path):
 @pytest.mark.slow
 def test_real_preprocessing_variants(tmp_path, stats):
     "With the faces module: all four real variants of two real face photos feed a DataLoaders for both archs."
-    faces = pytest.importorskip('mugshotrace.faces')
+    faces = pytest.importorskip('mugshotrace.faces.preprocess')
     if not all(hasattr(faces, n) for n in ('preprocess', 'load_manifest')): pytest.skip('faces.preprocess not available yet')
     ph = sample_face_photos(); root = tmp_path / 'src'; root.mkdir(); rows = []
     for k, (name, p) in enumerate(ph.items()):

@@ -1,11 +1,11 @@
-"Experiment grids, the resumable runner and `mugshotrace run` (mugshotrace.experiments / mugshotrace.runner)."
+"Experiment grids, the resumable runner and `mugshotrace run` (mugshotrace.study.grid / mugshotrace.study.runner)."
 import json, os, signal, subprocess, sys, time
 from pathlib import Path
 import numpy as np, pandas as pd, pytest, yaml
 from PIL import Image
 from mugshotrace.core import read_json, UserError
-from mugshotrace.experiments import load_study, run_grid, results_table, runs_frame, expand_grid, RunConfig
-from mugshotrace.runner import read_state
+from mugshotrace.study.grid import load_study, run_grid, results_table, runs_frame, expand_grid, RunConfig
+from mugshotrace.study.runner import read_state
 
 LABEL_COLUMNS = {'court': {'race': 'race_court', 'ethnicity': 'ethnicity_court'},
                  'student': {'race': 'race_student', 'ethnicity': 'ethnicity_student'}}
@@ -169,7 +169,7 @@ def test_submitit_debug_executor(toy):
 def test_config_changes_give_new_runs(toy):
     root, study, ref = toy
     st = load_study(toy_study(root, 'other', epochs=3))
-    from mugshotrace.experiments import fingerprint_configs
+    from mugshotrace.study.grid import fingerprint_configs
     ids = {c.run_id for c in fingerprint_configs(st.runs, st.data)}
     assert not ids & set(ref.run_id)
     st0 = load_study(study)
@@ -197,7 +197,7 @@ SYNTH_GRID = {'arch': ['tiny_cnn', 'resnet18', 'alexnet'], 'variant': ['original
 @pytest.mark.slow
 @pytest.mark.parametrize('executor', ['local', 'submitit'])
 def test_cli_run_on_synth(tmp_path, executor):
-    from mugshotrace import synth
+    from mugshotrace.synth import benchmark as synth
     out = synth.make_benchmark(tmp_path/'synth', synth.SynthConfig(people=160, width=80, height=100), progress=False)
     d = {'name': 'synth', 'data': {'labels': {'table': 'labels.csv', 'columns': LABEL_COLUMNS}, 'images': '.',
                                    'preprocessed': 'faces', 'preprocess': {'progress': False, 'size': 48}, 'truth': '.'},
@@ -214,7 +214,7 @@ def test_cli_run_on_synth(tmp_path, executor):
 
 def test_models_are_tested_on_every_variant_of_the_study(tmp_path):
     "The seed's design: each model is also tested, on the same held-out people, as the other variants preprocessed them."
-    from mugshotrace.selfaudit import run_scenarios
+    from mugshotrace.audit.selfaudit import run_scenarios
     root = make_toy(tmp_path)
     study = toy_study(root, 'xv', grid={'arch': ['tiny_cnn'], 'variant': ['original', 'resized'], 'label_source': ['court']}, epochs=1)
     df = run_grid(study, progress=False)

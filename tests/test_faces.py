@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np, pandas as pd, pytest
 from PIL import Image, ImageFile
 from mugshotrace.core import load_rgb, sample_face_photos, dlib_model_path, package_data, UserError
-from mugshotrace.faces import (preprocess, load_manifest, load_landmarks, merge_shards, drop_report, VARIANTS,
+from mugshotrace.faces.preprocess import (preprocess, load_manifest, load_landmarks, merge_shards, drop_report, VARIANTS,
                                MANIFEST_COLUMNS, output_name)
 
 HOPPER = sample_face_photos()['grace_hopper']; ASTRONAUT = sample_face_photos()['astronaut']
@@ -156,7 +156,7 @@ def _transformed_photos(d:Path, n=4):
             Image.fromarray(cv2.warpAffine(a, M, (w, h), borderMode=cv2.BORDER_REFLECT)).save(d/f'{name}{k}.png')
             rows.append((f'{name}{k}', f'{name}{k}.png'))
     try:
-        from mugshotrace.synth import make_benchmark, SynthConfig
+        from mugshotrace.synth.benchmark import make_benchmark, SynthConfig
         sb = make_benchmark(d.parent/'synth', SynthConfig(people=2, seed=1), progress=False)
         lab = pd.read_csv(Path(sb)/'labels.csv', dtype={'image_id': str}).head(n)
         rows += [(f's_{i}', str((Path(sb)/p).resolve())) for i, p in zip(lab.image_id, lab.path)]
@@ -335,7 +335,7 @@ def test_pool_workers_inherit_dlib_models():
     """Workers of the package's process pools fork from a server that has loaded dlib's models (`pool_preload`), so
     none spends a second loading its own 100 MB copy."""
     from mugshotrace.core import process_pool_context
-    from mugshotrace.landmarks import dlib_models_loaded
+    from mugshotrace.faces.landmarks import dlib_models_loaded
     ctx = process_pool_context()
     if ctx.get_start_method() != 'forkserver': pytest.skip('no fork server on this platform: workers load the models themselves')
     with ctx.Pool(2) as pool:
@@ -380,7 +380,7 @@ def test_dead_worker_is_recorded_retried_and_never_hangs(tmp_path, once):
 
 def test_run_pool_finishes_and_a_pending_retry_is_not_resumed(tmp_path):
     "`run_pool` returns every record; an interim record (killed between a worker's death and the retry) is redone."
-    from mugshotrace.faces import run_pool, FaceOptions, _pool_row
+    from mugshotrace.faces.preprocess import run_pool, FaceOptions, _pool_row
     tab = _small_set(tmp_path/'img', 3)
     tasks = [dict(image_id=i, src=str(tmp_path/'img'/p), dst=str(tmp_path/'o'/f'{i}.png'), opts=FaceOptions('resized', size=16),
                   prior=None, private=True) for i, p in zip(tab.image_id, tab.path)]

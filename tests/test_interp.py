@@ -1,4 +1,4 @@
-"Integration and cross-check tests of `mugshotrace.interp` and `mugshotrace.interp_regions`."
+"Integration and cross-check tests of `mugshotrace.interp.gradcam` and `mugshotrace.interp.regions`."
 import hashlib, json, os
 from pathlib import Path
 import numpy as np
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from mugshotrace.core import load_rgb, sample_face_photos, write_csv, write_json
-from mugshotrace.interp import Explainer, best_worst, guided_copy, load_inputs, FunctionalReLUError
-from mugshotrace.interp_regions import REGIONS, frame_landmarks, region_map, region_shares, region_differences
-from mugshotrace.models import ARCHS, build_model, save_bundle
+from mugshotrace.interp.gradcam import Explainer, best_worst, guided_copy, load_inputs, FunctionalReLUError
+from mugshotrace.interp.regions import REGIONS, frame_landmarks, region_map, region_shares, region_differences
+from mugshotrace.train.models import ARCHS, build_model, save_bundle
 
 FAST_ARCHS = ('tiny_cnn', 'resnet18')
 
@@ -122,7 +122,7 @@ def test_best_worst_against_bruteforce():
 # ---------------------------------------------------------------- `mugshotrace explain` on a CPU-scale run
 def _toy_run(tmp: Path, n_per=5, size=96):
     "A real (untrained tiny_cnn) run folder over OpenFace-aligned versions of the two bundled face photos."
-    from mugshotrace.faces_align import align_openface
+    from mugshotrace.faces.align import align_openface
     faces = tmp/'faces'; vdir = faces/'openface'; (vdir/'images').mkdir(parents=True)
     rng = np.random.default_rng(0); man, lms, meta = [], [], []
     for g, (k, p) in zip(('A', 'B'), sample_face_photos().items()):
@@ -206,7 +206,7 @@ def test_explain_cache_is_keyed_on_settings_and_privacy_fails_closed(tmp_path, m
     assert main(base + ['--k', '2', '--seed', '3']) == 0              # more rows per figure, another sample
     assert Image.open(fig).size[1] > h1 and reg.stat().st_mtime_ns != t
     # the key covers the package version (and the weights, predictions and images)
-    from mugshotrace.interp import explain_settings
+    from mugshotrace.interp.gradcam import explain_settings
     from mugshotrace.core import stable_hash
     k0 = stable_hash(explain_settings(run, {'weights_sha256': 'a'}, {'x': 'y'}, k=1))
     monkeypatch.setattr(mugshotrace, '__version__', '999.0')
@@ -241,8 +241,8 @@ def test_spurious_cue_gets_more_saliency(tmp_path):
     """A model trained with a placard cue that always marks 'White' puts significantly more Grad-CAM mass on the
     placard than the same model trained on the same images without the cue (person-disjoint held-out images)."""
     from scipy import stats
-    from mugshotrace.interp_regions import mask_share
-    synth = pytest.importorskip('mugshotrace.synth')
+    from mugshotrace.interp.regions import mask_share
+    synth = pytest.importorskip('mugshotrace.synth.benchmark')
     base = dict(people=150, seed=5, width=96, height=120)
     b = synth.make_benchmark(tmp_path/'biased', synth.SynthConfig(cue_class='White', cue_rate=1.0, cue_rate_other=0.0, cue_kind='placard', **base), progress=False)
     c = synth.make_benchmark(tmp_path/'clean', synth.SynthConfig(**base), progress=False)
@@ -278,8 +278,8 @@ def test_explain_on_a_synth_study_run(tmp_path):
     "synth → openface preprocessing → one tiny_cnn run of `run_grid` → `mugshotrace explain --study`: figures and charts."
     import yaml
     from mugshotrace.cli import main
-    from mugshotrace.experiments import run_grid, load_study
-    synth = pytest.importorskip('mugshotrace.synth')
+    from mugshotrace.study.grid import run_grid, load_study
+    synth = pytest.importorskip('mugshotrace.synth.benchmark')
     bench = synth.make_benchmark(tmp_path/'bench', synth.SynthConfig(people=40, seed=2, width=240, height=300), progress=False)
     cols = {'court': {'race': 'race_court', 'ethnicity': 'ethnicity_court'}, 'student': {'race': 'race_student', 'ethnicity': 'ethnicity_student'}}
     study = {'name': 'mini', 'data': {'labels': {'table': str(bench/'labels.csv'), 'columns': cols}, 'images': str(bench),

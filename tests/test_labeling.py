@@ -4,8 +4,8 @@ from pathlib import Path
 import numpy as np, pandas as pd, pytest, torch
 from PIL import Image
 
-from mugshotrace.labeling import Labeler, label_images, list_images, label_agreement, coverage_gain
-from mugshotrace.models import build_model, save_bundle
+from mugshotrace.bulk.label import Labeler, label_images, list_images, label_agreement, coverage_gain
+from mugshotrace.train.models import build_model, save_bundle
 from mugshotrace.cli import main
 from mugshotrace.core import sample_face_photos
 
@@ -56,8 +56,8 @@ def images(tmp_path_factory):
 def fastai_get_preds(bundle, files):
     "The independent baseline: the runner's own pipeline (data.face_dataloaders + data.test_dl) and Learner.get_preds."
     from fastai.vision.all import Learner, CrossEntropyLossFlat
-    from mugshotrace.data import face_dataloaders, test_dl
-    from mugshotrace.models import load_bundle
+    from mugshotrace.train.data import face_dataloaders, test_dl
+    from mugshotrace.train.models import load_bundle
     model, meta = load_bundle(bundle)
     files = [str(f) for f in files]
     items = pd.DataFrame({'image_id': [Path(f).stem for f in files[:4]], 'file': files[:4],
@@ -187,8 +187,8 @@ def _toy_study(root, n_people=32, size=40, seed=0):
 
 def test_reproduces_the_runners_test_set_predictions(tmp_path):
     "A bundle from the experiments runner labels each test set exactly as the runner predicted it, from the raw images too."
-    experiments = pytest.importorskip('mugshotrace.experiments')
-    from mugshotrace.faces import load_manifest
+    experiments = pytest.importorskip('mugshotrace.study.grid')
+    from mugshotrace.faces.preprocess import load_manifest
     root = _toy_study(tmp_path / 'toy')
     df = experiments.run_grid(root / 'study.yaml', progress=False)
     assert (df.state == 'done').all(), df
@@ -218,7 +218,7 @@ def test_reproduces_the_runners_test_set_predictions(tmp_path):
 
 def test_face_variant_from_raw_images_gives_typed_statuses(tmp_path):
     "An openface bundle labels raw photos through faces.preprocess: a face gets a prediction, a faceless image `no_face`."
-    pytest.importorskip('mugshotrace.faces')
+    pytest.importorskip('mugshotrace.faces.preprocess')
     d = tmp_path / 'b'
     save_bundle(build_model('tiny_cnn', 2, 'random', seed=0), d, {'arch': 'tiny_cnn', 'classes': CLASSES, 'input_size': 32, 'variant': 'openface'})
     imgs = tmp_path / 'raw'; imgs.mkdir()
@@ -235,13 +235,13 @@ def test_face_variant_from_raw_images_gives_typed_statuses(tmp_path):
 
 def test_kappa_interval_stays_in_range():
     "Near-perfect agreement: the large-sample interval would pass 1; it is clipped to kappa's range."
-    from mugshotrace.labeling import cohen_kappa_ci
+    from mugshotrace.bulk.label import cohen_kappa_ci
     k, lo, hi = cohen_kappa_ci(['a'] * 50 + ['b'] * 49 + ['a'], ['a'] * 50 + ['b'] * 50)
     assert 0.9 < k < 1 and lo < k and hi == 1.0
 
 
 # ---- resume state: inputs and settings hashed, one row per input after a kill at any stage, one writer ----
-from mugshotrace import labeling as LB
+from mugshotrace.bulk import label as LB
 from mugshotrace.core import UserError
 
 

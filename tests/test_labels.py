@@ -3,9 +3,9 @@ import numpy as np, pandas as pd, pytest
 from hypothesis import given, settings, strategies as st
 from PIL import Image
 from mugshotrace.core import UserError
-from mugshotrace.labels import (LabelSpec, load_labels, fairface_labels, utkface_labels, consensus, task_labels, race2,
+from mugshotrace.labels.tables import (LabelSpec, load_labels, fairface_labels, utkface_labels, consensus, task_labels, race2,
                                 race_eth4, Task, subgroup_code)
-from mugshotrace.agreement import (fleiss_kappa, fleiss_kappa_ci, label_quality, krippendorff_alpha, cohen_kappa, vote_counts, rater_agreement,
+from mugshotrace.labels.agreement import (fleiss_kappa, fleiss_kappa_ci, label_quality, krippendorff_alpha, cohen_kappa, vote_counts, rater_agreement,
                                    source_agreement, source_confusion, expected_fleiss_kappa, expected_cohen_kappa,
                                    flip_matrix, majority_accuracy)
 
@@ -29,7 +29,7 @@ def test_study_file_mapping_and_validation(tmp_path):
     with pytest.raises(UserError, match='unknown keys'): LabelSpec.from_dict({'columns': {'a': {'race': 'r'}}, 'colums': 1})
 
 def test_public_adapters_run_through_the_pipeline(tmp_path):
-    from mugshotrace.sampling import imbalanced_sample
+    from mugshotrace.labels.sampling import imbalanced_sample
     rng = np.random.default_rng(0); utk = tmp_path / 'UTKFace'; utk.mkdir()
     for k in range(24):
         Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(utk / f'{20 + k}_{k % 2}_{k % 3}_2017011{k:02d}1745251.jpg.chip.jpg')
@@ -143,12 +143,12 @@ def test_per_subgroup_agreement_recovers_injected_noise():
 
 def _binary_confusions(groups, attr, values, noise):
     "Rows per true subgroup: P(reported value | subgroup) for one attribute under flip noise `noise[g]`."
-    from mugshotrace.labels import CATEGORIES
+    from mugshotrace.vocab import CATEGORIES
     cats = CATEGORIES[attr]
     return np.array([[1 - noise[g] if values[g] == c else noise[g] for c in cats] for g in groups])
 
 def test_synth_consensus_beats_single_rater_and_kappas_match_the_injected_noise(tmp_path):
-    synth = pytest.importorskip('mugshotrace.synth')
+    synth = pytest.importorskip('mugshotrace.synth.benchmark')
     court = {'BH': 0.35, 'WH': 0.05, 'BnH': 0.05, 'WnH': 0.05}; e_s, R = 0.15, 5
     cfg = synth.SynthConfig(people=300, seed=11, width=64, height=80, court_noise=court, student_noise=e_s, student_raters=R)
     out = synth.make_benchmark(tmp_path / 'bench', cfg, progress=False)
@@ -184,7 +184,7 @@ def test_synth_consensus_beats_single_rater_and_kappas_match_the_injected_noise(
             assert abs(sa.loc[g, 'agreement'] - p) < 4 * np.sqrt(p * (1 - p) / k) + 0.02, (a, g)
         assert sa.loc['BH', 'agreement'] < min(sa.loc[g, 'agreement'] for g in ('WH', 'BnH', 'WnH')) - 0.15
     # 5. the sampler on the benchmark: repeat bookings of one person never straddle training and test
-    from mugshotrace.sampling import balanced_sample
+    from mugshotrace.labels.sampling import balanced_sample
     s = balanced_sample(lab, race_eth4('student'), n=15, seed=2, holdout_seed=0)
     pid = lab.set_index('image_id').person_id
     test_p = set(pid[list(sum(s.tests.values(), ()))]); dev_p = set(pid[list(s.train + s.valid)])

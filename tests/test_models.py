@@ -1,10 +1,10 @@
-"Architecture registry, learner factory and model bundles (mugshotrace.models)."
+"Architecture registry, learner factory and model bundles (mugshotrace.train.models)."
 import json, os, subprocess, sys, textwrap
 from pathlib import Path
 import pytest, torch
 from torch import nn
 from mugshotrace.core import UserError
-from mugshotrace.models import (ARCHS, get_arch, register_arch, ArchSpec, build_model, face_learner, synthetic_dls,
+from mugshotrace.train.models import (ARCHS, get_arch, register_arch, ArchSpec, build_model, face_learner, synthetic_dls,
                                 save_bundle, load_bundle, split_by, weight_source, PHASE1_ARCHS, PHASE2_ARCHS)
 
 FAST = ('tiny_cnn', 'alexnet', 'resnet18')
@@ -134,14 +134,14 @@ def test_planted_pickle_in_hub_cache_never_runs(empty_caches, monkeypatch):
     assert not marker.exists(), 'the planted pickle ran'
     assert 'sha256' in str(e.value) and 'not loaded' in str(e.value) and '\n' not in str(e.value)
     # even a file that passed the hash check is read without pickle's code execution
-    from mugshotrace.models import _read_weights
+    from mugshotrace.train.models import _read_weights
     with pytest.raises(Exception): _read_weights(cache)
     assert not marker.exists()
 
 def test_cached_download_with_good_hash_is_used(empty_caches, monkeypatch):
     "A torch hub cache file whose sha256 matches the prefix in its name is loaded (weights_only) without the network."
     import hashlib, torchvision
-    from mugshotrace import models as M
+    from mugshotrace.train import models as M
     ref = torchvision.models.alexnet(weights=None)
     with torch.no_grad(): ref.features[0].weight.fill_(0.5)
     d = empty_caches/'torch'/'hub'/'checkpoints'; d.mkdir(parents=True)
@@ -219,7 +219,7 @@ def test_cli_label_hostile_bundle_exit_2(tmp_path, capsys):
 
 ROUNDTRIP = textwrap.dedent('''
     import sys, torch, json
-    from mugshotrace.models import load_bundle
+    from mugshotrace.train.models import load_bundle
     model, meta = load_bundle(sys.argv[1])
     x = torch.load(sys.argv[2], weights_only=True)
     with torch.no_grad(): torch.save(model(x), sys.argv[3])

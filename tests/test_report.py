@@ -7,8 +7,8 @@ from PIL import Image
 
 from mugshotrace.core import (sample_face_photos, write_json, register_figure, registered_figures, mark_synthetic,
                               write_study_record, PRIVATE_FILE_MODE)
-from mugshotrace.model_cards import example_study, load_audit, model_card, find_runs
-from mugshotrace.report import study_report
+from mugshotrace.report.cards import example_study, load_audit, model_card, find_runs
+from mugshotrace.report.html import study_report
 from mugshotrace.cli import main
 
 # The Model Card Toolkit JSON schema (v0.0.2, model_card_toolkit/schema/v0.0.2/model_card.schema.json), transcribed
@@ -71,7 +71,7 @@ def _sharpness(im):
 @pytest.fixture(scope='module')
 def audited(tmp_path_factory):
     "A runs folder in the contract format audited by the real self-audit (audit.csv, summaries, figures)."
-    selfaudit = pytest.importorskip('mugshotrace.selfaudit')
+    selfaudit = pytest.importorskip('mugshotrace.audit.selfaudit')
     root = selfaudit.fabricate_runs(tmp_path_factory.mktemp('audited'), archs=('tiny_cnn',), variants=('resized',))
     selfaudit.run_selfaudit(root, n_boot=100, progress=False)
     _face_png(root / 'runs' / 'tiny_cnn-resized-court' / 'interp' / 'figures' / 'best_worst' / 'court__Black.png')
@@ -221,7 +221,7 @@ def real_layout(tmp_path):
     """The GPU tutorial's layout of a real study, with a marked synth benchmark in a parent folder: face crops, raw
     photos, a confound paths.png and explanation figures inside the reported folder."""
     from mugshotrace.core import save_figure
-    from mugshotrace.report import caterpillar
+    from mugshotrace.report.html import caterpillar
     project = tmp_path / 'project'
     (project / 'images').mkdir(parents=True)                # a synth benchmark right above the study: marked, with truth
     mark_synthetic(project); mark_synthetic(project / 'images'); (project / 'truth.json').write_text('{"images": {}}')

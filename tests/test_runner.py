@@ -5,8 +5,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 import pandas as pd, pytest, yaml
 from mugshotrace.core import read_json, UserError, RunPaths, run_paths, stable_hash, mark_synthetic
-from mugshotrace.experiments import load_study, run_grid, fingerprint_configs, RunConfig
-from mugshotrace.runner import read_state, acquire_lock, release_lock
+from mugshotrace.study.grid import load_study, run_grid, fingerprint_configs, RunConfig
+from mugshotrace.study.runner import read_state, acquire_lock, release_lock
 from test_experiments import make_toy, toy_study
 
 @pytest.fixture(scope='module')
@@ -45,7 +45,7 @@ def test_setup_commands_only_from_the_caller(toy_root, monkeypatch):
         def update_parameters(self, **kw): seen.update(kw)
         def map_array(self, fn, *args): return []
     monkeypatch.setattr(submitit, 'AutoExecutor', FakeExecutor)
-    from mugshotrace import experiments
+    from mugshotrace.study import grid as experiments
     cfg = RunConfig('tiny_cnn')
     experiments._run_submitit([cfg], None, toy_root/'fake', False, {'cluster': 'slurm', 'slurm_partition': 'gpu', 'gpus_per_node': 1},
                               ['module load cuda'])
@@ -155,7 +155,7 @@ def test_stray_rank_variable_does_not_skip_runs(toy_root, monkeypatch):
 
 def dying_worker(cfg, data, runs_root, retry_failed, gpu, force_resume=False):
     "Test-only worker target: the court run's first attempt kills its own process mid-run; the student run always exits."
-    from mugshotrace import experiments, runner
+    from mugshotrace.study import grid as experiments; from mugshotrace.study import runner
     flag = Path(data.preprocessed).parent/f'killed-{cfg.run_id}'
     if cfg.label_source == 'student': os._exit(3)
     if not flag.exists():
@@ -165,7 +165,7 @@ def dying_worker(cfg, data, runs_root, retry_failed, gpu, force_resume=False):
 
 def test_dead_worker_is_recorded_and_retried_once(toy_root, monkeypatch, capsys):
     "A worker killed mid-run: recorded failed with the signal, retried once in a fresh worker (done); one that always dies ends failed."
-    from mugshotrace import experiments
+    from mugshotrace.study import grid as experiments
     monkeypatch.setattr(experiments, '_local_worker', dying_worker)
     p = _study(toy_root, 'dead', grid={'arch': ['tiny_cnn'], 'variant': ['original'], 'label_source': ['court', 'student']})
     t0 = time.time()
@@ -198,9 +198,9 @@ def test_run_grid_writes_the_study_record(toy_root):
 
 def test_resume_on_other_device_or_precision_is_refused(tmp_path):
     import torch
-    from mugshotrace.models import synthetic_dls, face_learner, get_arch
-    from mugshotrace.checkpoints import fit_phases, read_checkpoint
-    from mugshotrace.runner import train_learner
+    from mugshotrace.train.models import synthetic_dls, face_learner, get_arch
+    from mugshotrace.train.checkpoints import fit_phases, read_checkpoint
+    from mugshotrace.study.runner import train_learner
     cfg = RunConfig('tiny_cnn', init='random', epochs=2, lr=3e-3)
     key = stable_hash(asdict(cfg)); ck = tmp_path/'ck'
     def learner():

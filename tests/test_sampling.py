@@ -4,8 +4,9 @@ import numpy as np, pandas as pd, pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
 from PIL import Image
 from mugshotrace.core import UserError, sample_face_photos
-from mugshotrace.labels import race2, race_eth4, SUBGROUPS, subgroup_code
-from mugshotrace.sampling import (assign_splits, make_sample, balanced_sample, imbalanced_sample, near_duplicate_groups,
+from mugshotrace.labels.tables import race2, race_eth4
+from mugshotrace.vocab import SUBGROUPS, subgroup_code
+from mugshotrace.labels.sampling import (assign_splits, make_sample, balanced_sample, imbalanced_sample, near_duplicate_groups,
                                   person_keys, restrict_sample, Sample, keyed_uniform)
 
 GROUPS = [('Black', 'Hispanic'), ('White', 'Hispanic'), ('Black', 'NonHispanic'), ('White', 'NonHispanic')]
@@ -158,7 +159,7 @@ def test_stratified_valid_shares_per_class(tseed, seed, valid):
 
 # --- near-duplicate grouping without person ids: no chains, no giant groups, shares met or a warning ---------------
 import warnings
-from mugshotrace.sampling import group_hashes, share_miss
+from mugshotrace.labels.sampling import group_hashes, share_miss
 
 def _flip(h, bits, rng):
     for b in rng.choice(64, bits, replace=False): h ^= 1 << int(b)
@@ -211,7 +212,7 @@ def test_share_miss_states_tolerance():
 @pytest.fixture(scope='module')
 def bench_without_ids(tmp_path_factory):
     "The synthetic benchmark (180 people) with person ids removed, plus 20 true duplicates (resized, recompressed)."
-    from mugshotrace.synth import make_benchmark, SynthConfig
+    from mugshotrace.synth.benchmark import make_benchmark, SynthConfig
     d = tmp_path_factory.mktemp('bench'); make_benchmark(d, SynthConfig(people=180, width=240, height=300))
     lab = pd.read_csv(d/'labels.csv', dtype=str); files = pd.Series([str(d/p) for p in lab.path], index=lab.image_id)
     truth = lab.set_index('image_id').person_id

@@ -6,8 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 from mugshotrace.core import UserError, load_rgb
-from mugshotrace.labels import SUBGROUPS, consensus
-from mugshotrace.synth import (SynthConfig, make_benchmark, load_truth, plan_benchmark, simulate_labels, majority_error,
+from mugshotrace.labels.tables import consensus
+from mugshotrace.vocab import SUBGROUPS
+from mugshotrace.synth.benchmark import (SynthConfig, make_benchmark, load_truth, plan_benchmark, simulate_labels, majority_error,
                                quota_counts, add_synth_parser, config_from_args, GROUP_ATTRS)
 
 CLEAN = SynthConfig(people=14, seed=5)   # default biases off, no cue: ~24 images
@@ -156,7 +157,7 @@ def test_bookings_share_person_id_and_attributes(bench):
 @pytest.fixture(scope='module')
 def dlib_faces(bench):
     "dlib (upsample 1, as the pipeline uses) on every clean benchmark image: image_id -> (box, 68 landmarks) or None."
-    from mugshotrace.landmarks import detect_faces, landmarks68
+    from mugshotrace.faces.landmarks import detect_faces, landmarks68
     out = {}
     for i in load_truth(bench).image_id:
         img, _ = load_rgb(bench/'images'/f'{i}.jpg')
@@ -195,7 +196,7 @@ def _mtcnn_hits(folder, ids):
     return np.array(hits)
 
 def _dlib_hits(folder, ids):
-    from mugshotrace.landmarks import detect_faces
+    from mugshotrace.faces.landmarks import detect_faces
     return np.array([bool(detect_faces(load_rgb(folder/'images'/f'{i}.jpg')[0], upsample=1)) for i in ids])
 
 def test_dlib_and_mtcnn_find_the_face(bench, dlib_faces):
