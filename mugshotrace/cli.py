@@ -20,9 +20,9 @@ SUBCOMMANDS = {
     'preprocess': ('preprocess faces (original, resized, openface, mtcnn) with a complete manifest', 'mugshotrace.faces.preprocess', 'add_preprocess_parser'),
     'run':        ('train and evaluate the grid of models a study file describes (resumable)', 'mugshotrace.study.grid', 'add_run_parser'),
     'audit':      ('self-audit every run on every disaggregated test set, with intervals', 'mugshotrace.audit.selfaudit', 'add_audit_parser'),
-    'explain':    ('Grad-CAM / guided backprop for the best and worst image of every scenario', 'mugshotrace.interp.gradcam', 'add_explain_parser'),
+    'explain':    ('Grad-CAM / guided backprop for the best and worst image of every scenario', 'mugshotrace.interp.explain', 'add_explain_parser'),
     'label':      ('label images in bulk with a shareable model bundle', 'mugshotrace.bulk.label', 'add_label_parser'),
-    'confound':   ('xGEMs confounding probe: does a model lean on a protected attribute?', 'mugshotrace.confounding.xgems', 'add_confound_parser'),
+    'confound':   ('xGEMs confounding probe: does a model lean on a protected attribute?', 'mugshotrace.confounding.probe', 'add_confound_parser'),
     'report':     ('model cards and one self-contained HTML report per study', 'mugshotrace.report.html', 'add_report_parser'),
 }
 
@@ -51,7 +51,7 @@ def main(argv:list[str]|None=None # arguments (default: sys.argv[1:])
     cmd = next((a for a in argv if not a.startswith('-')), None)
     if cmd is None or cmd not in SUBCOMMANDS:
         p = _top_parser()
-        if cmd is not None and not any(a in ('-h', '--help', '--version') for a in argv):
+        if cmd is not None:                                # an unknown subcommand, even with --help: name it, exit 2
             p.print_usage(sys.stderr); print(f"mugshotrace: error: unknown subcommand '{cmd}' (choose from {', '.join(SUBCOMMANDS)})", file=sys.stderr)
             return 2
         p.parse_args(argv)

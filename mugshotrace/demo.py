@@ -11,13 +11,21 @@ from dataclasses import dataclass, asdict, field, replace
 from pathlib import Path
 import pandas as pd
 from .core import UserError, write_text, write_json, read_json, write_csv
+from .config import add_common_arguments
+from .vocab import subgroup_code
+from .synth.benchmark import SynthConfig, synth
+from .study.folder import find_runs
+from .study.grid import run_grid
+from .audit.selfaudit import audit, AuditConfig
+from .bulk.label import label_and_compare
+from .report.html import report, ReportConfig
 
 # %% auto #0
 __all__ = ['QUICK', 'FULL', 'DemoConfig', 'demo_study', 'demo_synth_config', 'demo_bulk_labels', 'run_demo', 'demo_summary',
            'add_demo_parser']
 
 # %% ../nbs/api/65_demo.ipynb #1e548df2
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DemoConfig:
     "Everything the demo does, as data."
     people:int=400 # synthetic people in the benchmark (each with one or more bookings)
@@ -68,17 +76,14 @@ def _log(t0:float, msg:str): print(f'[demo {time.time() - t0:5.0f}s] {msg}', fil
 
 def demo_synth_config(cfg:DemoConfig):
     "The benchmark the demo makes: equal subgroup shares, clean student panel, noisy court labels for BH."
-    from mugshotrace.synth.benchmark import SynthConfig
     return SynthConfig(people=cfg.people, seed=cfg.seed, shares={g: 0.25 for g in ('BH', 'WH', 'BnH', 'WnH')},
                        court_noise={'BH': cfg.court_noise_bh, 'WH': 0.02, 'BnH': 0.02, 'WnH': 0.02}, student_noise=0.1)
 
 def demo_bulk_labels(out:Path, bench:Path, run_dirs:list, cfg:DemoConfig, progress:bool=True)->dict:
     "Bulk-label the benchmark images that the chosen run never trained on; hide some student labels for it to fill."
     import numpy as np
-    from mugshotrace.bulk.label import label_and_compare
-    from mugshotrace.vocab import subgroup_code
-    student = [r for r in run_dirs if read_json(r/'config.json').get('label_source') == 'student']
-    run = (student or run_dirs)[0]; smp = read_json(run/'sample.json')
+    student = [r for r in run_dirs if r.label_source == 'student']
+    run = (student or run_dirs)[0]; smp = run.sample
     lab = pd.read_csv(bench/'labels.csv', dtype=str)
     lab = lab[~lab.image_id.isin(set(smp['train']) | set(smp['valid']))].reset_index(drop=True)   # out of sample
     d = out/'labels'; d.mkdir(parents=True, exist_ok=True)
@@ -87,7 +92,7 @@ def demo_bulk_labels(out:Path, bench:Path, run_dirs:list, cfg:DemoConfig, progre
     table = pd.DataFrame({'image_id': lab.image_id, 'race_student': lab.race_student.where(~hide, ''),
                           'group': subgroup_code(lab.race_student, lab.ethnicity_student)})
     write_csv(d/'label_table.csv', table)
-    return label_and_compare(run, d/'images.csv', d/'bulk_labels.csv', d/'label_table.csv', label_col='race_student',
+    return label_and_compare(run.path, d/'images.csv', d/'bulk_labels.csv', d/'label_table.csv', label_col='race_student',
                              group_col='group', progress=progress)
 
 def run_demo(out='mugshotrace_demo', # the study folder to write (re-running resumes)
@@ -97,16 +102,12 @@ def run_demo(out='mugshotrace_demo', # the study folder to write (re-running res
             )->Path:
     "Run the whole pipeline on the semi-synthetic benchmark into `out` and return the report's path."
     import yaml
-    from mugshotrace.synth.benchmark import make_benchmark
-    from mugshotrace.study.grid import run_grid
-    from mugshotrace.audit.selfaudit import run_selfaudit
-    from mugshotrace.report.html import study_report
     out, t0 = Path(out).resolve(), time.time()
     out.mkdir(parents=True, exist_ok=True)
     write_json(out/'demo.json', {'config': asdict(cfg)})
     bench = out/'benchmark'
     _log(t0, f'1/8 semi-synthetic benchmark: {cfg.people} people -> {bench}')
-    make_benchmark(bench, demo_synth_config(cfg), workers=workers, progress=progress)
+    synth(bench, demo_synth_config(cfg), workers=workers, progress=progress)
     study = demo_study(cfg, bench, out)
     study['data']['preprocess'].update(workers=workers, progress=progress)
     write_text(out/'study.yaml', yaml.safe_dump(study, sort_keys=False))
@@ -116,31 +117,32 @@ def run_demo(out='mugshotrace_demo', # the study folder to write (re-running res
         bad = runs[runs.state != 'done']
         raise RuntimeError(f"{len(bad)} run(s) did not finish: {'; '.join(f'{n}: {e}' for n, e in zip(bad.name, bad.error))}")
     _log(t0, '4/8 self-audit of every run on every disaggregated test set')
-    run_selfaudit(out/'runs', out/'audit', n_boot=cfg.n_boot, seed=cfg.seed, faces=out/'faces',
-                  labels=bench/'labels.csv', progress=progress)
+    audit(out/'runs', out/'audit', AuditConfig(n_boot=cfg.n_boot, seed=cfg.seed, faces=str(out/'faces'), labels=str(bench/'labels.csv')),
+          progress=progress)
     # validation of the audit itself: the same audit with the benchmark's true groups (see `selfaudit`)
-    run_selfaudit(out/'runs', out/'validation'/'audit_truth', n_boot=cfg.n_boot, seed=cfg.seed, groups='truth',
-                  figures=False, progress=progress)
-    run_dirs = sorted(p.parent for p in (out/'runs').glob('*/model.json'))
+    audit(out/'runs', out/'validation'/'audit_truth', AuditConfig(n_boot=cfg.n_boot, seed=cfg.seed, groups='truth', figures=False),
+          progress=progress)
+    run_dirs = [r for r in find_runs(out/'runs') if r.is_done]   # `Run`s, by folder name
     if cfg.explain:
-        from mugshotrace.interp.gradcam import explain_run
+        from mugshotrace.interp.explain import explain, ExplainConfig   # torch, captum: only when explaining
         _log(t0, f'5/8 Grad-CAM and guided backprop: best/worst per scenario, facial regions ({len(run_dirs)} runs)')
-        for r in run_dirs: explain_run(r, k=1, faces=out/'faces', synthetic=True, max_images=cfg.explain_images, progress=progress)
+        ecfg = ExplainConfig(k=1, synthetic=True, max_images=cfg.explain_images)
+        for r in run_dirs: explain(r, cfg=ecfg, faces=out/'faces', progress=progress)
     if cfg.confound:
-        from mugshotrace.confounding.xgems import ConfoundConfig, confound_run
+        from mugshotrace.confounding.probe import ConfoundConfig, confound   # torch: only when probing
         _log(t0, '6/8 xGEMs confounding probe')
         ccfg = ConfoundConfig(n_images=cfg.confound_images, ae_epochs=8, clf_epochs=6, steps=120, n_boot=500, seed=cfg.seed)
-        for r in run_dirs[:2]: confound_run(r, cfg=ccfg, faces=out/'faces', figures=True)
+        for r in run_dirs[:2]: confound(r, cfg=ccfg, faces=out/'faces', figures=True, progress=False)
     if cfg.label:
         _log(t0, '7/8 labels at scale: bulk labels for images no model trained on, agreement with their labels')
         demo_bulk_labels(out, bench, run_dirs, cfg, progress)
     _log(t0, '8/8 model cards and the study report')
-    report = study_report(out, synthetic=True, title='mugshotrace demo: semi-synthetic benchmark')
+    report_path = report(out, cfg=ReportConfig(synthetic=True, title='mugshotrace demo: semi-synthetic benchmark')).out
     print('accuracy per subgroup on the pooled test sets (95% intervals), groups as the labels say:\n' + demo_summary(out).to_string() +
           '\n\nthe same, grouped by the benchmark\'s truth (court labels of BH were flipped at a known rate):\n' +
           demo_summary(out, groups='truth').to_string(), file=sys.stderr)
-    _log(t0, f'done: {report}')
-    return report
+    _log(t0, f'done: {report_path}')
+    return report_path
 
 # %% ../nbs/api/65_demo.ipynb #7d91e3ac
 def demo_summary(out, # the demo's study folder
@@ -159,8 +161,8 @@ def _demo_cmd(args)->int:
     cfg = QUICK if args.quick else FULL
     if args.people: cfg = replace(cfg, people=args.people)
     if args.seed is not None: cfg = replace(cfg, seed=args.seed)
-    report = run_demo(args.out, cfg, workers=args.workers, progress=not args.no_progress)
-    print(f'report: {report}')
+    path = run_demo(args.out, cfg, workers=args.workers, progress=args.progress)
+    print(f'report: {path}')
     return 0
 
 def add_demo_parser(subparsers):
@@ -177,6 +179,6 @@ def add_demo_parser(subparsers):
     p.add_argument('--people', type=int, default=None, help='synthetic people in the benchmark (default: 300 quick, 400 full)')
     p.add_argument('--seed', type=int, default=None, help='seed of benchmark, samples and training (default 0)')
     p.add_argument('--workers', type=int, default=1, help='processes for rendering and preprocessing')
-    p.add_argument('--no-progress', action='store_true', help='no progress bars')
+    add_common_arguments(p, out=False)
     p.set_defaults(func=_demo_cmd)
     return p

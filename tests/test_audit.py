@@ -381,8 +381,88 @@ def test_audit_cache_key_includes_the_package_version(tmp_path, monkeypatch):
     _small_study(tmp_path/'study', archs=('tiny_cnn',), variants=('resized',))
     out = tmp_path/'audit'; argv = ['audit', str(tmp_path/'study'), '--out', str(out), '--n-boot', '0', '--no-figures']
     assert _cli(argv) == 0
-    m0 = (out/'audit.csv').stat().st_mtime_ns; c0 = {p.name: p.stat().st_mtime_ns for p in (out/'cache').glob('*.json')}
+    m0 = (out/'audit.csv').stat().st_mtime_ns; c0 = {p.name: p.stat().st_mtime_ns for p in (out/'cache').glob('.stage-run-*.json')}
+    assert len(c0) == 1
     time.sleep(0.01); assert _cli(argv) == 0 and (out/'audit.csv').stat().st_mtime_ns == m0       # same version: reused
     monkeypatch.setattr(mugshotrace, '__version__', '999.0.0')
     assert _cli(argv) == 0 and (out/'audit.csv').stat().st_mtime_ns != m0                            # new version: recomputed
-    assert all(p.stat().st_mtime_ns != c0[p.name] for p in (out/'cache').glob('*.json'))
+    assert all(p.stat().st_mtime_ns != c0[p.name] for p in (out/'cache').glob('.stage-run-*.json'))
+
+
+# ---------------------------------------------------------------- issue 14: AuditFrame, the front door, flags from AuditConfig, Study/Run
+from dataclasses import fields
+from mugshotrace.audit.frame import AuditConfig
+from mugshotrace.audit.selfaudit import audit, AuditResult
+from mugshotrace.audit.factors import drop_rates
+from mugshotrace.study.folder import Study, Run
+from mugshotrace.core import write_study_record
+
+
+@pytest.mark.parametrize('classes', [('Black', 'White'), ('BH', 'BnH', 'WH', 'WnH')])
+def test_auditframe_from_predictions_equals_fairlearn_metricframe(classes):
+    from fairlearn.metrics import MetricFrame
+    from sklearn.metrics import accuracy_score, recall_score
+    df = _data(3, list(classes)); cls = list(classes)
+    af = AuditFrame.from_predictions(y_true=df.y, y_pred=df.yhat, groups=df[['race', 'ethnicity']], cfg=AuditConfig(n_boot=0))
+    for t in (af.by_group, af.overall, af.gaps(), af.flagged(), af.wide('accuracy', attribute='race')): assert isinstance(t, pd.DataFrame)
+    assert list(af.df.columns[:14]) == AUDIT_COLUMNS and af.df.q_value.notna().any()
+    metrics = {'accuracy': accuracy_score, **{f'recall:{c}': (lambda a, b, i=i: recall_score(a, b, labels=cls, average=None, zero_division=np.nan)[i])
+                                             for i, c in enumerate(cls)}}
+    for sf in ('race', 'ethnicity'):
+        mf = MetricFrame(metrics=metrics, y_true=df.y, y_pred=df.yhat, sensitive_features=df[sf])
+        ours = af.by_group[af.by_group.attribute == sf].set_index(['group', 'metric']).value
+        for g, row in mf.by_group.iterrows():
+            for m, v in row.items(): np.testing.assert_allclose(ours[(g, m)], v, rtol=0, atol=1e-12, err_msg=f'{g} {m}')
+        for m, v in mf.overall.items(): np.testing.assert_allclose(af.overall.set_index('metric').value[m], v, atol=1e-12)
+    w = af.wide('accuracy', attribute='race')
+    assert w.shape == (1, 2) and w.iloc[0]['Black'] == pytest.approx(accuracy_score(df.y[df.race == 'Black'], df.yhat[df.race == 'Black']))
+    g = af.gaps('accuracy'); assert set(g.metric) == {'gap:accuracy'} and (g.attribute != 'all').all()
+
+
+def test_auditframe_from_runs_study_run_and_path_agree(tmp_path):
+    fabricate_runs(tmp_path/'s', archs=('tiny_cnn',), variants=('resized',), n_per_group={'BH': 20, 'BnH': 20, 'WH': 20, 'WnH': 20})
+    write_study_record(tmp_path/'s', 's', tmp_path/'labels.csv', tmp_path/'images', tmp_path/'faces')
+    cfg = AuditConfig(n_boot=20, seed=2)
+    by_path = AuditFrame.from_runs(tmp_path/'s', cfg).df
+    pd.testing.assert_frame_equal(AuditFrame.from_runs(Study.open(tmp_path/'s'), cfg).df, by_path)
+    one = Run.open(tmp_path/'s'/'runs'/'tiny_cnn-resized-court')
+    pd.testing.assert_frame_equal(AuditFrame.from_runs(one, cfg).df.drop(columns='q_value'),
+                                  by_path[by_path.run_id == one.run_id].reset_index(drop=True).drop(columns='q_value'))
+    pd.testing.assert_frame_equal(audit_runs(tmp_path/'s', n_boot=20, seed=2).df, by_path)
+
+
+def test_drop_rates_from_a_study_equal_the_folder_form(tmp_path):
+    lab = pd.DataFrame({'image_id': [f'i{i}' for i in range(60)], 'race': ['Black', 'White']*30, 'ethnicity': ['Hispanic']*30 + ['NonHispanic']*30})
+    write_csv(tmp_path/'labels.csv', lab)
+    st = ['no_face', 'ok', 'ok']*20
+    man = pd.DataFrame({'image_id': lab.image_id, 'variant': 'openface', 'status': st, 'reason': '',
+                        'out_path': [f'{i}.png' if s == 'ok' else '' for i, s in zip(lab.image_id, st)]})
+    write_csv(tmp_path/'faces'/'openface'/'manifest.csv', man)
+    write_study_record(tmp_path, 's', tmp_path/'labels.csv', tmp_path/'images', tmp_path/'faces')
+    pd.testing.assert_frame_equal(drop_rates(Study.open(tmp_path)), drop_rates(tmp_path/'faces', tmp_path/'labels.csv'))
+    with pytest.raises(UserError, match='needs a label table'): drop_rates(tmp_path/'faces')
+
+
+def test_cli_flags_are_the_config_fields_with_its_defaults():
+    ap = argparse.ArgumentParser(prog='mugshotrace'); sub = ap.add_subparsers(dest='cmd'); p = add_audit_parser(sub)
+    a = ap.parse_args(['audit', 'x'])
+    for f in fields(AuditConfig): assert getattr(a, f.name) == f.default, f.name
+    assert a.out is None and a.progress is True
+    flags = {s for act in p._actions for s in act.option_strings}
+    assert {'--n-boot', '--seed', '--alpha', '--interval', '--gap-interval', '--correction', '--min-n', '--target', '--groups',
+            '--n-perm', '--attribute', '--faces', '--labels', '--no-figures', '--out', '--no-progress'} <= flags
+    with pytest.raises(UserError, match='interval must be one of'): _cli(['audit', 'x', '--interval', 'normal'])
+    with pytest.raises(UserError, match='n-boot must be'): _cli(['audit', 'x', '--n-boot', '-1'])
+
+
+def test_front_door_result_and_stage_cache(tmp_path):
+    fabricate_runs(tmp_path/'s', archs=('tiny_cnn',), variants=('resized',), bias=lambda c: {'accuracy': {'WH': .6, 'WnH': .6}})
+    cfg = AuditConfig(n_boot=0, figures=False)
+    r = audit(tmp_path/'s', cfg=cfg, progress=False)
+    assert isinstance(r, AuditResult) and r.out == tmp_path/'s'/'audit' and (r.runs, r.excluded, r.reused) == (2, 0, False)
+    assert r.rows == len(pd.read_csv(r.out/'audit.csv')) and r.flagged > 0 and r.to_dict()['out'] == str(r.out)
+    again = audit(tmp_path/'s', cfg=cfg, progress=False)
+    assert again.reused and (again.runs, again.rows, again.flagged) == (r.runs, r.rows, r.flagged)
+    write_csv(r.out/'drop_rates.csv', pd.DataFrame({'x': [1]}))          # a stale output of an earlier setting
+    assert not audit(tmp_path/'s', cfg=AuditConfig(n_boot=0, figures=False, seed=1), progress=False).reused
+    assert not (r.out/'drop_rates.csv').exists()                          # removed when the settings changed

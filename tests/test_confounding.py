@@ -1,4 +1,4 @@
-"""Integration tests of the xGEMs confounding probe (`confounding`, `confounding_probe`).
+"""Integration tests of the xGEMs confounding probe (`confounding.xgems`, `.oracle`, `.probe`, `.experiment`).
 
 The fast tests reproduce the seed's experiment on procedural images (target = ellipse shape, protected = lightness):
 a black box trained where the two are confounded must have a clearly higher confounding metric than one trained on
@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from mugshotrace.core import UserError, read_json, torch_device
-from mugshotrace.confounding.xgems import (ConfoundConfig, fit_equalized_odds, equalized_odds_gap, oracle_error_table,
-                                     confounding_table, train_classifier, fit_tensors)
-from mugshotrace.confounding.probe import (procedural_shapes, confounding_experiment, confound_run, BlackBox,
-                                           predict_probs, plot_counterfactual_paths)
+from mugshotrace.confounding.xgems import ConfoundConfig, train_classifier, fit_tensors, predict_probs
+from mugshotrace.confounding.oracle import fit_equalized_odds, equalized_odds_gap, oracle_error_table, confounding_table
+from mugshotrace.confounding.probe import confound, confound_run, BlackBox, plot_counterfactual_paths
+from mugshotrace.confounding.experiment import procedural_shapes, confounding_experiment
 from mugshotrace.core import save_figure
 
 @pytest.fixture(autouse=True, scope='module')
@@ -96,7 +96,7 @@ def test_degenerate_inputs_raise_user_errors(tmp_path):
         fit_equalized_odds([0.1, 0.9, 0.2, 0.8], [1, 1, 0, 1], [0, 0, 1, 1])
     with pytest.raises(UserError, match='no verified'):
         confounding_table([], [], [])
-    with pytest.raises(UserError, match='model.json'):
+    with pytest.raises(UserError, match='not a run folder'):
         confound_run(tmp_path)
 
 
@@ -144,11 +144,17 @@ def test_confound_run_folder_resumes(tmp_path):
     assert not list(out.glob('.*.tmp'))
     # a finished probe is not redone
     mtime = (out/'confounding.csv').stat().st_mtime_ns
-    assert confound_run(run, cfg=cfg, items=items)['key'] == s['key']
+    r = confound(run, cfg=cfg, items=items, figures=True)
+    assert r.key == s['key'] and r.to_dict()['out'] == str(out) and r.n_used == s['probe']['n_used']
     assert (out/'confounding.csv').stat().st_mtime_ns == mtime
     # interrupted after the slow training: the cached models give the same results
     (out/'summary.json').unlink(); before = tab.copy()
     confound_run(run, cfg=cfg, items=items)
+    pd.testing.assert_frame_equal(pd.read_csv(out/'confounding.csv'), before)
+    assert not (out/'paths.png').exists()   # the key covers figures: a probe without them cleared the old figure
+    # asking for figures after a probe without them redoes the probe (not the training) and draws them
+    confound_run(run, cfg=cfg, items=items, figures=True)
+    assert (out/'paths.png').exists()
     pd.testing.assert_frame_equal(pd.read_csv(out/'confounding.csv'), before)
     # the CLI: finished probe → exit 0; bad input → exit 2 with one line
     from mugshotrace.cli import main
@@ -228,7 +234,7 @@ def test_synth_benchmark_confounded_higher(tmp_path):
     """The seed's experiment on the synth benchmark: target ethnicity (face geometry), protected race (skin lightness);
     A trained where every Hispanic face is Black and every NonHispanic face is White, B on unconfounded data."""
     synth = pytest.importorskip('mugshotrace.synth.benchmark', reason='the synth module has not landed')
-    from mugshotrace.confounding.probe import synth_experiment
+    from mugshotrace.confounding.experiment import synth_experiment
     bench = tmp_path/'bench'
     synth.make_benchmark(bench, synth.SynthConfig(people=900, width=160, height=200,
                                                   shares={'BH': .25, 'WH': .25, 'BnH': .25, 'WnH': .25}))

@@ -3,7 +3,7 @@ import numpy as np, pandas as pd, pytest, torch
 from PIL import Image
 from mugshotrace.core import sample_face_photos, UserError
 from mugshotrace.train.data import items_from, face_dataloaders, arch_stats
-from mugshotrace import data as mdata  # (test_dl imported bare would be collected by pytest)
+from mugshotrace.train import data as mdata  # (test_dl imported bare would be collected by pytest)
 from mugshotrace.labels.tables import race2
 from mugshotrace.labels.sampling import balanced_sample, restrict_sample
 

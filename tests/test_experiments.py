@@ -107,6 +107,33 @@ def test_results_table_and_skip(toy, capsys):
     # --only selects by run name or by run id
     sel = run_grid(study, only=df.run_id[1], progress=False); assert list(sel.run_id) == [df.run_id[1]]
     sel = run_grid(study, only='tiny_cnn-*-student-*', progress=False); assert list(sel.run_id) == [df.run_id[1]]
+    # the front door: same runs, counted by state, nothing retrained
+    from mugshotrace.study.grid import run, GridConfig
+    res = run(study, cfg=GridConfig(only='tiny_cnn-*'), progress=False)
+    assert (res.n_runs, res.n_done, res.n_failed, res.n_pending) == (2, 2, 0, 0) and res.out == Path(st.runs_root)
+    assert list(res.frame.run_id) == list(df.run_id) and res.to_dict()['runs'][0]['state'] == 'done'
+    assert mtimes == {r: (Path(st.runs_root)/r/'model.safetensors').stat().st_mtime_ns for r in df.run_id}
+    # runs_frame reads the run folders through study.folder: the study folder itself works as the root
+    assert runs_frame(Path(st.runs_root).parent).equals(runs_frame(st.runs_root))
+
+def test_run_flags_come_from_grid_config():
+    "`mugshotrace run`'s defaults are GridConfig's; old flag names and the common options still parse."
+    from dataclasses import fields
+    from mugshotrace.cli import build_parser
+    from mugshotrace.config import config_from_args
+    from mugshotrace.study.grid import GridConfig
+    p = build_parser(only='run')
+    a = p.parse_args(['run', 's.yaml'])
+    assert a.config_cls is GridConfig and a.progress is True and a.out is None
+    cfg = config_from_args(GridConfig, a, setup_commands=tuple(a.setup_command or ()))
+    assert cfg == GridConfig(), cfg
+    for f in fields(GridConfig):
+        if f.name != 'setup_commands': assert getattr(a, f.name) == f.default, f.name
+    a = p.parse_args(['run', 's.yaml', '--executor', 'submitit', '--workers', '3', '--only', 'x*', '--retry-failed', '--cluster', 'debug',
+                      '--force-resume', '--runs', 'R', '--no-progress'])
+    assert (a.executor, a.workers, a.only, a.retry_failed, a.cluster, a.force_resume, a.out, a.progress) == ('submitit', 3, 'x*', True, 'debug', True, 'R', False)
+    assert p.parse_args(['run', 's.yaml', '--out', 'O']).out == 'O'
+    with pytest.raises(SystemExit): p.parse_args(['run', 's.yaml', '--executor', 'ssh'])
 
 def test_resume_after_kill(toy):
     "Kill `mugshotrace run` in the middle of training the second run, restart: each run done once, results identical."

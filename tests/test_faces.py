@@ -6,8 +6,9 @@ from pathlib import Path
 import numpy as np, pandas as pd, pytest
 from PIL import Image, ImageFile
 from mugshotrace.core import load_rgb, sample_face_photos, dlib_model_path, package_data, UserError
-from mugshotrace.faces.preprocess import (preprocess, load_manifest, load_landmarks, merge_shards, drop_report, VARIANTS,
-                               MANIFEST_COLUMNS, output_name)
+from mugshotrace.faces.manifest import load_manifest, load_landmarks, merge_shards, drop_report, VARIANTS, MANIFEST_COLUMNS
+from mugshotrace.faces.variants import output_name
+from mugshotrace.faces.preprocess import preprocess_table, preprocess, PreprocessConfig, PreprocessResult
 
 HOPPER = sample_face_photos()['grace_hopper']; ASTRONAUT = sample_face_photos()['astronaut']
 EXIF_INVERSE = {1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
@@ -66,7 +67,7 @@ def runs(corpus):
     "Every variant over the hostile corpus (small size to stay quick)."
     d, tab, _ = corpus
     bomb, trunc = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
-    out = {v: preprocess(d/'table.csv', d/'images', v, d/'out', size=64, batch_size=4, progress=False) for v in VARIANTS}
+    out = {v: preprocess_table(d/'table.csv', d/'images', v, d/'out', size=64, batch_size=4, progress=False) for v in VARIANTS}
     assert Image.MAX_IMAGE_PIXELS == bomb and ImageFile.LOAD_TRUNCATED_IMAGES is trunc is False
     return out
 
@@ -119,7 +120,7 @@ def test_eight_exif_orientations_give_the_same_aligned_face(tmp_path):
         s.save(im/f'o{o}.png', exif=ex.tobytes()); rows.append((f'o{o}', f'o{o}.png'))
     tab = pd.DataFrame(rows, columns=['image_id', 'path'])
     for v in VARIANTS:
-        m = preprocess(tab, im, v, tmp_path/'out', size=48, batch_size=8, progress=False)
+        m = preprocess_table(tab, im, v, tmp_path/'out', size=48, batch_size=8, progress=False)
         assert (m.status == 'ok').all() and m.exif_orientation.tolist() == list(range(1, 9))
         assert m.src_width.nunique() == 1 and m.src_height.nunique() == 1
         outs = {f.read_bytes() for f in load_manifest(tmp_path/'out', v).file.map(Path)}
@@ -166,7 +167,7 @@ def _transformed_photos(d:Path, n=4):
 @pytest.mark.parametrize('anchors,idx,n', [('outer_eyes_and_nose', (36, 45, 33), 4), ('inner_eyes_and_bottom_lip', (39, 42, 57), 2)])
 def test_openface_matches_independent_aligndlib(tmp_path, anchors, idx, n):
     tab = _transformed_photos(tmp_path/'img', n)
-    m = preprocess(tab, tmp_path/'img', 'openface', tmp_path/'out', size=96, anchors=anchors, progress=False)
+    m = preprocess_table(tab, tmp_path/'img', 'openface', tmp_path/'out', size=96, anchors=anchors, progress=False)
     man = load_manifest(tmp_path/'out', 'openface').set_index('image_id')
     lms = load_landmarks(tmp_path/'out', 'openface')
     n_ok = 0
@@ -213,7 +214,7 @@ def _outputs(vdir):
 
 def test_killed_run_resumes_to_the_same_result(tmp_path):
     tab = _small_set(tmp_path/'img', 10); tab.to_csv(tmp_path/'t.csv', index=False)
-    ref = preprocess(tab, tmp_path/'img', 'openface', tmp_path/'ref', size=64, progress=False)
+    ref = preprocess_table(tab, tmp_path/'img', 'openface', tmp_path/'ref', size=64, progress=False)
     cmd = [sys.executable, '-m', 'mugshotrace.cli', 'preprocess', '--images', str(tmp_path/'img'), '--table',
            str(tmp_path/'t.csv'), '--variant', 'openface', '--out', str(tmp_path/'run'), '--size', '64', '--quiet']
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -240,19 +241,19 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
 
 def test_changed_source_is_redone_and_stale_output_removed(tmp_path):
     tab = _small_set(tmp_path/'img', 2)
-    m1 = preprocess(tab, tmp_path/'img', 'openface', tmp_path/'o', size=48, progress=False)
+    m1 = preprocess_table(tab, tmp_path/'img', 'openface', tmp_path/'o', size=48, progress=False)
     assert m1.status.tolist() == ['ok', 'ok', 'no_face']
     Image.new('RGB', (200, 234), (90, 90, 90)).save(tmp_path/'img'/'p0.png')     # the face is gone
-    m2 = preprocess(tab, tmp_path/'img', 'openface', tmp_path/'o', size=48, progress=False)
+    m2 = preprocess_table(tab, tmp_path/'img', 'openface', tmp_path/'o', size=48, progress=False)
     assert m2.status.tolist() == ['no_face', 'ok', 'no_face'] and m2.attrs['counts']['resumed'] == 2
     assert not (tmp_path/'o'/'openface'/'images'/'p0.png').exists() and m2.src_sha256[0] != m1.src_sha256[0]
     with pytest.raises(UserError, match='other options'):
-        preprocess(tab, tmp_path/'img', 'openface', tmp_path/'o', size=48, anchors='inner_eyes_and_bottom_lip', progress=False)
+        preprocess_table(tab, tmp_path/'img', 'openface', tmp_path/'o', size=48, anchors='inner_eyes_and_bottom_lip', progress=False)
 
 def test_shards_merge_to_the_single_run(tmp_path):
     tab = _small_set(tmp_path/'img', 6); tab.loc[len(tab)] = ['nope', 'nope.png']
-    single = preprocess(tab, tmp_path/'img', 'resized', tmp_path/'a', size=32, progress=False)
-    parts = [preprocess(tab, tmp_path/'img', 'resized', tmp_path/'b', size=32, shard=f'{i}/3', progress=False) for i in range(3)]
+    single = preprocess_table(tab, tmp_path/'img', 'resized', tmp_path/'a', size=32, progress=False)
+    parts = [preprocess_table(tab, tmp_path/'img', 'resized', tmp_path/'b', size=32, shard=f'{i}/3', progress=False) for i in range(3)]
     assert sorted(sum((p.image_id.tolist() for p in parts), [])) == sorted(tab.image_id) and all(len(p) for p in parts)
     merged = load_manifest(tmp_path/'b', 'resized')            # the last shard merged automatically
     pd.testing.assert_frame_equal(merged.drop(columns='file'), load_manifest(tmp_path/'a', 'resized').drop(columns='file'))
@@ -262,16 +263,16 @@ def test_shards_merge_to_the_single_run(tmp_path):
 
 def test_pool_gives_the_same_outputs_as_one_process(tmp_path):
     tab = _small_set(tmp_path/'img', 6)
-    one = preprocess(tab, tmp_path/'img', 'openface', tmp_path/'a', size=48, progress=False)
-    two = preprocess(tab, tmp_path/'img', 'openface', tmp_path/'b', size=48, workers=2, progress=False)
+    one = preprocess_table(tab, tmp_path/'img', 'openface', tmp_path/'a', size=48, progress=False)
+    two = preprocess_table(tab, tmp_path/'img', 'openface', tmp_path/'b', size=48, workers=2, progress=False)
     pd.testing.assert_frame_equal(one, two)
     assert _outputs(tmp_path/'a'/'openface') == _outputs(tmp_path/'b'/'openface')
 
 def test_mtcnn_batches_equal_single_images(tmp_path):
     tab = _small_set(tmp_path/'img', 5)
     Image.open(HOPPER).convert('RGB').resize((150, 175)).save(tmp_path/'img'/'other_size.png'); tab.loc[len(tab)] = ['other', 'other_size.png']
-    a = preprocess(tab, tmp_path/'img', 'mtcnn', tmp_path/'a', size=48, batch_size=1, margin=10, progress=False)
-    b = preprocess(tab, tmp_path/'img', 'mtcnn', tmp_path/'b', size=48, batch_size=4, margin=10, progress=False)
+    a = preprocess_table(tab, tmp_path/'img', 'mtcnn', tmp_path/'a', size=48, batch_size=1, margin=10, progress=False)
+    b = preprocess_table(tab, tmp_path/'img', 'mtcnn', tmp_path/'b', size=48, batch_size=4, margin=10, progress=False)
     assert a.status.tolist() == ['ok'] * 5 + ['no_face', 'ok']
     pd.testing.assert_frame_equal(a.drop(columns=['det_score', 'runner_up_score', 'box_x1', 'box_y1', 'box_x2', 'box_y2']),
                                   b.drop(columns=['det_score', 'runner_up_score', 'box_x1', 'box_y1', 'box_x2', 'box_y2']))
@@ -327,7 +328,7 @@ def test_very_large_photo_every_variant(tmp_path):
     Image.open(HOPPER).convert('RGB').resize((3413, 4000), Image.BICUBIC).save(im/'huge.jpg', quality=90)
     tab = pd.DataFrame({'image_id': ['huge'], 'path': ['huge.jpg']})
     for v in VARIANTS:
-        m = preprocess(tab, im, v, tmp_path/'o', size=64, progress=False)
+        m = preprocess_table(tab, im, v, tmp_path/'o', size=64, progress=False)
         assert m.status.tolist() == ['ok'], (v, m.reason.tolist())
 
 
@@ -343,7 +344,7 @@ def test_pool_workers_inherit_dlib_models():
 
 
 # ---------------------------------------------------------------- a dying pool worker; owner-only crops
-KILL_ENV = 'MUGSHOTRACE_TEST_KILL_WORKER_ON'   # read only in pool workers (faces._pool_row); set only here
+KILL_ENV = 'MUGSHOTRACE_TEST_KILL_WORKER_ON'   # read only in pool workers (faces.pool._pool_row); set only here
 
 def _journal(vdir):
     return [json.loads(l) for l in (vdir/'.journal'/'shard-00000-of-00001.jsonl').read_text().splitlines() if l.strip()]
@@ -352,7 +353,7 @@ def _journal(vdir):
 def test_dead_worker_is_recorded_retried_and_never_hangs(tmp_path, once):
     "A pool worker SIGKILLed on one image: the job ends (bounded), the image is journaled, retried once, never dropped."
     tab = _small_set(tmp_path/'img', 5); tab.to_csv(tmp_path/'t.csv', index=False)
-    ref = preprocess(tab, tmp_path/'img', 'resized', tmp_path/'ref', size=32, progress=False)
+    ref = preprocess_table(tab, tmp_path/'img', 'resized', tmp_path/'ref', size=32, progress=False)
     flag = tmp_path/'killed-once'
     env = dict(os.environ, **{KILL_ENV: 'p3' + (f'@{flag}' if once else '')})
     cmd = [sys.executable, '-m', 'mugshotrace.cli', 'preprocess', '--images', str(tmp_path/'img'), '--table', str(tmp_path/'t.csv'),
@@ -380,7 +381,8 @@ def test_dead_worker_is_recorded_retried_and_never_hangs(tmp_path, once):
 
 def test_run_pool_finishes_and_a_pending_retry_is_not_resumed(tmp_path):
     "`run_pool` returns every record; an interim record (killed between a worker's death and the retry) is redone."
-    from mugshotrace.faces.preprocess import run_pool, FaceOptions, _pool_row
+    from mugshotrace.faces.pool import run_pool, _pool_row
+    from mugshotrace.faces.variants import FaceOptions
     tab = _small_set(tmp_path/'img', 3)
     tasks = [dict(image_id=i, src=str(tmp_path/'img'/p), dst=str(tmp_path/'o'/f'{i}.png'), opts=FaceOptions('resized', size=16),
                   prior=None, private=True) for i, p in zip(tab.image_id, tab.path)]
@@ -399,13 +401,13 @@ def test_face_crops_are_owner_only_unless_synthetic_or_shareable(tmp_path):
     if shareable == 0o600: pytest.skip('the umask already makes every file owner-only')
     tab = _small_set(tmp_path/'real', 2)
     for variant in ('resized', 'mtcnn'):
-        preprocess(tab, tmp_path/'real', variant, tmp_path/'o', size=32, progress=False)
+        preprocess_table(tab, tmp_path/'real', variant, tmp_path/'o', size=32, progress=False)
         files = load_manifest(tmp_path/'o', variant).file.dropna().tolist(); assert files
         assert {_mode(f) for f in files} == {0o600}, variant               # real data: owner-only by default
-    preprocess(tab, tmp_path/'real', 'resized', tmp_path/'o', size=32, private=False, progress=False)   # resumed, widened
+    preprocess_table(tab, tmp_path/'real', 'resized', tmp_path/'o', size=32, private=False, progress=False)   # resumed, widened
     assert {_mode(f) for f in load_manifest(tmp_path/'o', 'resized').file.dropna()} == {shareable}
     syn = _small_set(tmp_path/'bench'/'images', 2); mark_synthetic(tmp_path/'bench'/'images')
-    preprocess(syn, tmp_path/'bench'/'images', 'resized', tmp_path/'so', size=32, progress=False)
+    preprocess_table(syn, tmp_path/'bench'/'images', 'resized', tmp_path/'so', size=32, progress=False)
     assert {_mode(f) for f in load_manifest(tmp_path/'so', 'resized').file.dropna()} == {shareable}   # the marked benchmark
     tab.to_csv(tmp_path/'t.csv', index=False)
     base = [sys.executable, '-m', 'mugshotrace.cli', 'preprocess', '--images', str(tmp_path/'real'), '--table', str(tmp_path/'t.csv'),
@@ -414,3 +416,24 @@ def test_face_crops_are_owner_only_unless_synthetic_or_shareable(tmp_path):
         out = tmp_path/('cli' + str(len(extra)))
         r = subprocess.run(base + ['--out', str(out), *extra], capture_output=True, text=True, timeout=180); assert r.returncode == 0, r.stderr
         assert {_mode(f) for f in load_manifest(out, 'resized').file.dropna()} == {want}, extra
+
+
+def test_front_door_and_the_older_call_agree(tmp_path):
+    "`preprocess(table, out, PreprocessConfig(...))` makes the same manifest as `preprocess_table`, and returns a `PreprocessResult`."
+    tab = _small_set(tmp_path/'img', 3); tab.to_csv(tmp_path/'img'/'t.csv', index=False)
+    ref = preprocess_table(tab, tmp_path/'img', 'resized', tmp_path/'a', size=32, progress=False)
+    res = preprocess(tmp_path/'img'/'t.csv', tmp_path/'b', PreprocessConfig(variant='resized', size=32), progress=False)
+    assert isinstance(res, PreprocessResult) and res.path == tmp_path/'b'/'resized' and res.n == len(tab)
+    pd.testing.assert_frame_equal(load_manifest(tmp_path/'b', 'resized').drop(columns='file'), load_manifest(tmp_path/'a', 'resized').drop(columns='file'))
+    assert res.to_dict()['manifest'] == str(tmp_path/'b'/'resized'/'manifest.csv')
+    old = preprocess(tab, tmp_path/'img', 'resized', tmp_path/'c', size=32, progress=False)   # the older signature still works
+    pd.testing.assert_frame_equal(old, ref)
+
+def test_cli_takes_the_common_options(tmp_path):
+    "`preprocess` accepts --no-progress (and still --quiet); its flags' defaults are `PreprocessConfig`'s."
+    tab = _small_set(tmp_path/'img', 2); tab.to_csv(tmp_path/'t.csv', index=False)
+    for flag in ('--no-progress', '--quiet'):
+        r = subprocess.run([sys.executable, '-m', 'mugshotrace.cli', 'preprocess', '--images', str(tmp_path/'img'), '--table', str(tmp_path/'t.csv'),
+                            '--variant', 'resized', '--size', '24', '--out', str(tmp_path/'o'), flag], capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, r.stderr
+        assert 'resized: 3 rows' in r.stdout and 'preprocess resized' not in r.stderr   # no progress bar

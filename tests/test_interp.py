@@ -1,4 +1,4 @@
-"Integration and cross-check tests of `mugshotrace.interp.gradcam` and `mugshotrace.interp.regions`."
+"Integration and cross-check tests of `mugshotrace.interp.gradcam`, `mugshotrace.interp.regions` and `mugshotrace.interp.explain`."
 import hashlib, json, os
 from pathlib import Path
 import numpy as np
@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from mugshotrace.core import load_rgb, sample_face_photos, write_csv, write_json
-from mugshotrace.interp.gradcam import Explainer, best_worst, guided_copy, load_inputs, FunctionalReLUError
+from mugshotrace.interp.gradcam import Explainer, guided_copy, load_inputs, FunctionalReLUError
+from mugshotrace.interp.explain import best_worst
 from mugshotrace.interp.regions import REGIONS, frame_landmarks, region_map, region_shares, region_differences
 from mugshotrace.train.models import ARCHS, build_model, save_bundle
 
@@ -155,7 +156,8 @@ def test_explain_cli_end_to_end(tmp_path):
     from mugshotrace.cli import main
     run, df = _toy_run(tmp_path)
     out = tmp_path/'ex'
-    assert main(['explain', str(run), '--out', str(out), '--k', '2', '--bs', '4']) == 0
+    faces = ['--faces', str(tmp_path/'faces')]   # a run outside a study: the preprocessing root is given
+    assert main(['explain', str(run), '--out', str(out), '--k', '2', '--bs', '4'] + faces) == 0
     for ds in ('student__A', 'student__B'):
         assert (out/'figures'/'best_worst'/f'{ds}.png').stat().st_size > 1000
     bw = pd.read_csv(out/'best_worst.csv', dtype={'image_id': str})
@@ -173,7 +175,7 @@ def test_explain_cli_end_to_end(tmp_path):
     assert info['show_faces'] is False and info['synthetic'] is False and info['images_without_landmarks'] == 0
     # resumable: a second run redoes nothing that is finished
     stamp = {p: p.stat().st_mtime_ns for p in (out/'figures'/'best_worst').glob('*.png')} | {p: p.stat().st_mtime_ns for p in (out/'regions').glob('*.csv')}
-    assert main(['explain', str(run), '--out', str(out), '--k', '2', '--bs', '4']) == 0
+    assert main(['explain', str(run), '--out', str(out), '--k', '2', '--bs', '4'] + faces) == 0
     assert all(p.stat().st_mtime_ns == t for p, t in stamp.items())
 
 def _sha(p): return hashlib.sha256(Path(p).read_bytes()).hexdigest()
@@ -190,7 +192,7 @@ def test_explain_cache_is_keyed_on_settings_and_privacy_fails_closed(tmp_path, m
     cfg = json.loads((run/'config.json').read_text()); cfg['synthetic'] = True; write_json(run/'config.json', cfg)  # a guess: ignored
     (tmp_path/'truth.json').write_text('{}'); (run.parent/'truth.json').write_text('{}')                           # means nothing
     out, fig = tmp_path/'ex', tmp_path/'ex'/'figures'/'best_worst'/'student__A.png'
-    base = ['explain', str(run), '--out', str(out), '--bs', '4', '--no-faithfulness', '--max-images', '3']
+    base = ['explain', str(run), '--out', str(out), '--bs', '4', '--no-faithfulness', '--max-images', '3', '--faces', str(tmp_path/'faces')]
     assert main(base) == 0
     info = json.loads((out/'explain.json').read_text()); blurred = _sha(fig)
     assert info['synthetic'] is False and info['show_faces'] is False
@@ -206,11 +208,14 @@ def test_explain_cache_is_keyed_on_settings_and_privacy_fails_closed(tmp_path, m
     assert main(base + ['--k', '2', '--seed', '3']) == 0              # more rows per figure, another sample
     assert Image.open(fig).size[1] > h1 and reg.stat().st_mtime_ns != t
     # the key covers the package version (and the weights, predictions and images)
-    from mugshotrace.interp.gradcam import explain_settings
-    from mugshotrace.core import stable_hash
-    k0 = stable_hash(explain_settings(run, {'weights_sha256': 'a'}, {'x': 'y'}, k=1))
+    from mugshotrace.interp.explain import explain_inputs, ExplainConfig
+    from mugshotrace.config import StageCache
+    from mugshotrace.study.folder import Run
+    cache, inputs = StageCache(out, 'explain'), explain_inputs(Run.open(run), {'weights_sha256': 'a'}, {'x': 'y'})
+    k0 = cache.key(ExplainConfig(k=1), **inputs)
+    assert cache.key(ExplainConfig(k=2), **inputs) != k0
     monkeypatch.setattr(mugshotrace, '__version__', '999.0')
-    assert stable_hash(explain_settings(run, {'weights_sha256': 'a'}, {'x': 'y'}, k=1)) != k0
+    assert cache.key(ExplainConfig(k=1), **inputs) != k0
     monkeypatch.undo()
     # the study record of a marked benchmark makes it synthetic: faces shown, figures not owner-only
     bench = tmp_path/'bench'; (bench/'images').mkdir(parents=True); mark_synthetic(bench); mark_synthetic(bench/'images')

@@ -5,6 +5,7 @@ import numpy as np, pandas as pd, pytest, torch
 from PIL import Image
 
 from mugshotrace.bulk.label import Labeler, label_images, list_images, label_agreement, coverage_gain
+from mugshotrace.bulk import label as LB
 from mugshotrace.train.models import build_model, save_bundle
 from mugshotrace.cli import main
 from mugshotrace.core import sample_face_photos
@@ -235,13 +236,36 @@ def test_face_variant_from_raw_images_gives_typed_statuses(tmp_path):
 
 def test_kappa_interval_stays_in_range():
     "Near-perfect agreement: the large-sample interval would pass 1; it is clipped to kappa's range."
-    from mugshotrace.bulk.label import cohen_kappa_ci
+    from mugshotrace.labels.agreement import cohen_kappa_ci
     k, lo, hi = cohen_kappa_ci(['a'] * 50 + ['b'] * 49 + ['a'], ['a'] * 50 + ['b'] * 50)
     assert 0.9 < k < 1 and lo < k and hi == 1.0
 
 
+def test_bulk_labels_use_the_one_kappa():
+    "Bulk labels use `labels.agreement.cohen_kappa_ci` (one definition): an undefined kappa is NaN, not 1 or a crash."
+    from mugshotrace.labels import agreement
+    assert LB.cohen_kappa_ci is agreement.cohen_kappa_ci
+    pr = pd.DataFrame({'image_id': [f'i{i}' for i in range(5)], 'Black_Prob': 1., 'White_Prob': 0., 'Prediction': 'Black',
+                       'status': 'ok', 'reason': ''})
+    res, _ = label_agreement(pr, pr[['image_id']].assign(label='Black'), ['Black', 'White'])
+    assert res['accuracy'] == 1 and all(np.isnan(res['kappa'][k]) for k in ('value', 'ci_low', 'ci_high'))
+
+
+def test_label_front_door_and_flags(bundle, images, tmp_path):
+    "`label(source, out, cfg, images=…)` returns a `BulkResult`; the subcommand's defaults are `BulkConfig`'s."
+    import argparse
+    from mugshotrace.bulk.label import label, BulkConfig, BulkResult, add_label_parser
+    from mugshotrace.config import config_from_args
+    r = label(bundle, tmp_path / 'fd.csv', BulkConfig(preprocessed=True, chunk=64), images=images, progress=False)
+    assert isinstance(r, BulkResult) and r.out == tmp_path / 'fd.csv' and r.n == len(pd.read_csv(r.out)) and r.agreement is None
+    assert r.to_dict()['out'] == str(tmp_path / 'fd.csv') and r.temperature == 1.0
+    p = add_label_parser(argparse.ArgumentParser().add_subparsers())
+    a = p.parse_args([str(bundle), '--images', 'x', '--out', 'y'])
+    assert config_from_args(BulkConfig, a) == BulkConfig() and a.progress is True
+    assert p.parse_args([str(bundle), '--images', 'x', '--out', 'y', '--no-progress']).progress is False
+
+
 # ---- resume state: inputs and settings hashed, one row per input after a kill at any stage, one writer ----
-from mugshotrace.bulk import label as LB
 from mugshotrace.core import UserError
 
 

@@ -190,3 +190,19 @@ def test_synth_consensus_beats_single_rater_and_kappas_match_the_injected_noise(
     test_p = set(pid[list(sum(s.tests.values(), ()))]); dev_p = set(pid[list(s.train + s.valid)])
     assert not test_p & dev_p and not set(pid[list(s.train)]) & set(pid[list(s.valid)])
     assert sorted(s.tests) == sorted(f'{src}/{g}' for src in ('court', 'student') for g in groups)
+
+
+def test_cohen_kappa_one_definition_matches_sklearn_and_is_nan_when_undefined():
+    "`cohen_kappa` and `cohen_kappa_ci` agree with scikit-learn where kappa is defined; expected agreement 1 gives NaN."
+    import warnings
+    from sklearn.metrics import cohen_kappa_score
+    from mugshotrace.labels.agreement import cohen_kappa_ci
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        a = rng.choice(list('abc'), 60); b = np.where(rng.random(60) < .7, a, rng.choice(list('abc'), 60))
+        k, lo, hi = cohen_kappa_ci(a, b)
+        assert abs(k - cohen_kappa_score(a, b)) < 1e-12 and abs(cohen_kappa(a, b) - k) < 1e-15 and -1 <= lo <= k <= hi <= 1
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore'); assert np.isnan(cohen_kappa_score(['x'] * 4, ['x'] * 4))
+    assert np.isnan(cohen_kappa(['x'] * 4, ['x'] * 4)) and all(np.isnan(cohen_kappa_ci(['x'] * 4, ['x'] * 4)))
+    assert np.isnan(cohen_kappa([], [])) and all(np.isnan(cohen_kappa_ci([None], ['x'])))

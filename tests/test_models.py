@@ -1,4 +1,4 @@
-"Architecture registry, learner factory and model bundles (mugshotrace.train.models)."
+"Architecture registry, pretrained weights, learner factory and model bundles (mugshotrace.train.weights/archs/bundle/models)."
 import json, os, subprocess, sys, textwrap
 from pathlib import Path
 import pytest, torch
@@ -141,7 +141,7 @@ def test_planted_pickle_in_hub_cache_never_runs(empty_caches, monkeypatch):
 def test_cached_download_with_good_hash_is_used(empty_caches, monkeypatch):
     "A torch hub cache file whose sha256 matches the prefix in its name is loaded (weights_only) without the network."
     import hashlib, torchvision
-    from mugshotrace.train import models as M
+    from mugshotrace.train import weights as M   # pretrained_file looks the source up here
     ref = torchvision.models.alexnet(weights=None)
     with torch.no_grad(): ref.features[0].weight.fill_(0.5)
     d = empty_caches/'torch'/'hub'/'checkpoints'; d.mkdir(parents=True)
@@ -255,3 +255,19 @@ def test_pickle_refused_unless_allowed(tmp_path):
     model, meta = load_bundle(tmp_path/'export.pkl', allow_pickle=True)
     x = torch.randn(2, 3, 32, 32); learn.model.eval()
     assert torch.equal(model(x), learn.model(x)) and meta['classes'] == ['c0', 'c1']
+
+
+def test_model_bundle_roundtrip(tmp_path):
+    "`ModelBundle`: one description read and written in one place; the function forms agree with it."
+    from mugshotrace.train.bundle import ModelBundle
+    from mugshotrace.train.models import read_bundle_meta
+    learn = face_learner(synthetic_dls(n=2, size=32, n_out=2, bs=2), 'tiny_cnn', seed=0)
+    b = ModelBundle(arch='tiny_cnn', classes=['Black', 'White'], variant='openface', task='race2', run_id='r1').save(learn.model, tmp_path/'b')
+    assert (b.mean, b.std, b.input_size) == (get_arch('tiny_cnn').mean, get_arch('tiny_cnn').std, 64)   # the arch's: one set of defaults
+    assert ModelBundle.load(tmp_path/'b') == b and b.to_meta() == read_bundle_meta(tmp_path/'b')
+    model, meta = load_bundle(tmp_path/'b')
+    assert meta == b.to_meta() and meta['task'] == 'race2' and meta['run_id'] == 'r1'
+    x = torch.randn(2, 3, 32, 32); learn.model.eval()
+    assert torch.allclose(model(x), learn.model(x)) and torch.allclose(b.model()(x), model(x))
+    assert ModelBundle(arch='inception_v4', classes=['a']).mean == (0.5, 0.5, 0.5)
+    with pytest.raises(UserError, match='unknown architecture'): ModelBundle(arch='lenet', classes=['a'])

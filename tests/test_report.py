@@ -7,7 +7,8 @@ from PIL import Image
 
 from mugshotrace.core import (sample_face_photos, write_json, register_figure, registered_figures, mark_synthetic,
                               write_study_record, PRIVATE_FILE_MODE)
-from mugshotrace.report.cards import example_study, load_audit, model_card, find_runs
+from mugshotrace.report.cards import example_study, load_audit, model_card
+from mugshotrace.study.folder import find_runs
 from mugshotrace.report.html import study_report
 from mugshotrace.cli import main
 
@@ -83,14 +84,14 @@ def test_cards_from_the_real_selfaudit(audited):
     p = study_report(audited)
     audit = pd.read_csv(audited / 'audit' / 'audit.csv')
     for run in find_runs(audited):
-        card = json.loads((run / 'model_card.json').read_text())
+        card = json.loads((run.path / 'model_card.json').read_text())
         pm = {(m['slice'], m['type']): m for m in card['quantitative_analysis']['performance_metrics']}
-        a = audit[(audit.run_id == run.name) & (audit.metric == 'accuracy')]
+        a = audit[(audit.run_id == run.run_id) & (audit.metric == 'accuracy')]
         assert len(a) >= 20 and a.test_set.nunique() == 3
         for r in a.itertuples():
             m = pm[(f'test_set={r.test_set} | group={r.group}', 'accuracy')]
             assert m['confidence_interval']['lower_bound'] == pytest.approx(r.ci_low) and m['value'] == pytest.approx(r.value)
-        assert '## Quantitative analyses' in (run / 'model_card.md').read_text()
+        assert '## Quantitative analyses' in (run.path / 'model_card.md').read_text()
     h = p.read_text()
     assert 'heatmap_accuracy_race' in h and 'design_factors.csv' in h and "alt='court__Black'" in h
 
@@ -110,7 +111,7 @@ def test_every_card_is_valid_and_complete(study):
         card = model_card(run, audit)
         jsonschema.validate(card, MCT_SCHEMA, format_checker=jsonschema.FormatChecker())
         pm = card['quantitative_analysis']['performance_metrics']
-        a = audit[audit.run_id == run.name]
+        a = audit[audit.run_id == run.run_id]
         want = {f'test_set={t} | group={g}' for t, g in zip(a.test_set, a.group)}
         assert want == {m['slice'] for m in pm}  # every test set × group, each with an interval
         for m in pm:
@@ -329,3 +330,20 @@ def test_hostile_markup_in_every_field_stays_inert(tmp_path):
     for i in (0, 1, 3, 10, 14, 36, 37):   # run id, arch, label source, init path, state, figure caption, title reach the report
         assert _evil(i).replace('&', '&amp;').replace('<', '&lt;').replace('>', '&gt;').split('"')[0] in rep, i
     assert 'x31' in outs['datasheet'] and 'x30' in outs['datasheet']
+
+
+def test_report_front_door_and_flags(study):
+    "`report(source, out, cfg)` returns a `ReportResult`; every `mugshotrace report` default is `ReportConfig`'s."
+    import argparse
+    from mugshotrace.report.html import report, ReportConfig, ReportResult, add_report_parser
+    from mugshotrace.config import config_from_args
+    from mugshotrace.study.folder import Study
+    r = report(study, study / 'fd' / 'r.html', ReportConfig(title='front door'))
+    assert isinstance(r, ReportResult) and r.out.exists() and r.n_runs == 3 and len(r.cards) == 3 and r.private and not r.synthetic
+    assert r.datasheet == study / 'fd' / 'datasheet.md' and 'front door' in r.out.read_text()
+    assert (r.out.stat().st_mode & 0o777) == 0o600
+    p = add_report_parser(argparse.ArgumentParser().add_subparsers())
+    a = p.parse_args([str(study)])
+    assert config_from_args(ReportConfig, a) == ReportConfig() and a.progress is True and a.out is None
+    for flag in ('--show-faces', '--synthetic', '--shareable', '--title', '--labels', '--faces', '--out', '--no-progress'):
+        assert flag in p.format_help(), flag

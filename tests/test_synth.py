@@ -9,7 +9,8 @@ from mugshotrace.core import UserError, load_rgb
 from mugshotrace.labels.tables import consensus
 from mugshotrace.vocab import SUBGROUPS
 from mugshotrace.synth.benchmark import (SynthConfig, make_benchmark, load_truth, plan_benchmark, simulate_labels, majority_error,
-                               quota_counts, add_synth_parser, config_from_args, GROUP_ATTRS)
+                               quota_counts, add_synth_parser, config_from_args, synth, SynthResult)
+from mugshotrace.vocab import SUBGROUP_ATTRS as GROUP_ATTRS
 
 CLEAN = SynthConfig(people=14, seed=5)   # default biases off, no cue: ~24 images
 
@@ -260,7 +261,7 @@ def test_cli_options_map_to_the_config(tmp_path):
     c = config_from_args(a)
     assert (c.people, c.seed, c.court_noise['BH'], c.court_noise['WH'], c.underrep['BH'], c.cue_class, c.cue_kind) == (3, 4, 0.3, 0.05, 0.3, 'White', 'placard')
     assert (c.student_raters, c.jpeg_quality, c.bookings, c.width, c.height) == (7, (80, 90), (1.0,), 240, 300)
-    a.no_progress = True
+    a.progress = False
     assert a.func(a) == 0
     lab = pd.read_csv(tmp_path/'o'/'labels.csv'); assert len(lab) == 3
     assert load_rgb(tmp_path/'o'/lab.path[0])[1].width == 240
@@ -276,6 +277,18 @@ def test_cli_help_explains_itself():
     h = add_synth_parser(argparse.ArgumentParser(prog='mugshotrace').add_subparsers()).format_help()
     assert h.startswith('usage: mugshotrace synth')
     for s in ('--court-noise', '--underrep', '--cue-class', '--people', '--seed', 'truth.json', 'BH=0.3'): assert s in h
+
+def test_cli_defaults_are_the_config_defaults_and_the_common_options_exist():
+    "`mugshotrace synth --out X` means `SynthConfig()`; --no-progress and --seed are there."
+    a = _parser().parse_args(['synth', '--out', 'x'])
+    assert config_from_args(a) == SynthConfig() and a.progress is True
+    assert _parser().parse_args(['synth', '--out', 'x', '--no-progress']).progress is False
+    with pytest.raises(TypeError): SynthConfig(3)                      # keyword-only
+
+def test_front_door_returns_a_result(tmp_path):
+    r = synth(tmp_path/'o', SynthConfig(people=2, seed=3, bookings=(1.0,)), progress=False)
+    assert isinstance(r, SynthResult) and r.path == tmp_path/'o' and r.images == 2 == sum(r.per_group.values())
+    assert r.to_dict()['path'] == str(tmp_path/'o') and len(r.config_hash) > 8
 
 def test_refuses_to_mix_configs(tmp_path):
     make_benchmark(tmp_path/'o', SynthConfig(people=1, seed=1, bookings=(1.0,)), progress=False)

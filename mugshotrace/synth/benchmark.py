@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from ..core import (UserError, write_bytes, write_csv, write_json, read_json, stable_hash, process_pool_context,
-                              start_process_pool_server, mark_synthetic, is_marked_synthetic)
+                              start_process_pool_server, mark_synthetic, is_marked_synthetic, sample_face_photos)
+from ..config import add_config_arguments, add_common_arguments, ResultMixin, config_from_args as _config_from_args
 from ..vocab import SUBGROUPS, SUBGROUP_ATTRS
 from .render import (IDENTITY_PARAMS, BACKDROP, render_face, encode_jpeg, source_faces,
                                       install_source_faces)
@@ -23,7 +24,7 @@ from .render import (IDENTITY_PARAMS, BACKDROP, render_face, encode_jpeg, source
 # %% auto #0
 __all__ = ['ARRESTEE_SHARES', 'CUE_KINDS', 'ATTRS', 'SynthConfig', 'quota_counts', 'person_id', 'image_id', 'plan_benchmark',
            'source_names', 'student_rater_ids', 'majority_error', 'simulate_labels', 'make_benchmark', 'load_truth',
-           'parse_group_values', 'config_from_args', 'add_synth_parser']
+           'parse_group_values', 'config_from_args', 'SynthResult', 'synth', 'add_synth_parser']
 
 # %% ../../nbs/api/05_synth.benchmark.ipynb #7b7cfa8c
 ARRESTEE_SHARES = {'BH': 0.0918, 'WH': 0.3970, 'BnH': 0.3796, 'WnH': 0.1314}   # the seed's Miami-Dade arrestee shares
@@ -37,7 +38,7 @@ def _per_group(value, default:float, name:str)->dict:
     if bad: raise UserError(f'{name}: unknown subgroup(s) {sorted(bad)} (use {", ".join(SUBGROUPS)})')
     return {g: float(value.get(g, default)) for g in SUBGROUPS}
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SynthConfig:
     "Every parameter of the semi-synthetic benchmark (the output is a pure function of it)."
     people:int=200 # number of synthetic persons
@@ -145,7 +146,6 @@ def plan_benchmark(cfg:SynthConfig)->pd.DataFrame:
 
 def source_names()->tuple:
     "Names of the real sample photos the synthetic faces are warped from."
-    from mugshotrace.core import sample_face_photos
     return tuple(sample_face_photos())
 
 # %% ../../nbs/api/05_synth.benchmark.ipynb #147f9921
@@ -267,27 +267,46 @@ def _floats(s, name):
     try: return tuple(float(v) for v in str(s).split(','))
     except ValueError: raise UserError(f'{name}: {s!r} is not a comma-separated list of numbers') from None
 
+_GROUP_OPTS = ('shares', 'underrep', 'court_noise', 'student_noise')   # per-subgroup options: flag --x-y, dest x_y_values
+
 def config_from_args(a:argparse.Namespace)->SynthConfig:
     "The `SynthConfig` an argparse namespace of `mugshotrace synth` describes."
-    kw = dict(people=a.people, seed=a.seed, width=a.width, height=a.height, jpeg_quality=_range(a.quality, '--quality'),
-              bookings=_floats(a.bookings, '--bookings'), student_raters=a.raters, cue_class=a.cue_class,
-              cue_rate=a.cue_rate, cue_rate_other=a.cue_rate_other, cue_kind=a.cue_kind, cue_strength=a.cue_strength,
-              race_strength=a.race_strength, ethnicity_strength=a.ethnicity_strength)
-    for opt, key in (('shares', 'shares'), ('underrep', 'underrep'), ('court_noise', 'court_noise'), ('student_noise', 'student_noise')):
-        v = parse_group_values(getattr(a, opt), '--' + opt.replace('_', '-'))
+    kw = dict(jpeg_quality=_range(a.quality, '--quality'), bookings=_floats(a.booking_probs, '--bookings'), student_raters=a.raters)
+    for key in _GROUP_OPTS:
+        v = parse_group_values(getattr(a, f'{key}_values'), '--' + key.replace('_', '-'))
         if v is not None: kw[key] = {**dict(ARRESTEE_SHARES), **v} if key == 'shares' else v
-    return SynthConfig(**kw)
+    return _config_from_args(SynthConfig, a, **kw)
+
+@dataclass(frozen=True)
+class SynthResult(ResultMixin):
+    "What `synth` wrote."
+    path:Path # the benchmark folder
+    images:int # images written (all bookings)
+    people:int # synthetic people
+    per_group:dict # images per subgroup
+    config_hash:str # hash of the `SynthConfig` (the `.synth.json` marker's)
+
+def synth(out, # the benchmark folder (created; re-running resumes)
+          cfg:SynthConfig=SynthConfig(), # the generation parameters
+          *, workers:int=1, # rendering processes (the output does not depend on it)
+          progress:bool=True # progress bar
+         )->SynthResult:
+    "Make the semi-synthetic benchmark in `out`: the stage's front door (`make_benchmark` plus a summary)."
+    out = make_benchmark(out, cfg, workers=workers, progress=progress)
+    t = load_truth(out)
+    return SynthResult(path=out, images=len(t), people=cfg.people, per_group={g: int((t.group == g).sum()) for g in SUBGROUPS},
+                       config_hash=stable_hash(cfg.to_dict()))
 
 def _run_synth(a:argparse.Namespace)->int:
-    cfg = config_from_args(a)
-    out = make_benchmark(a.out, cfg, workers=a.workers, progress=not a.no_progress)
-    t = load_truth(out)
-    print(f'{len(t)} images of {cfg.people} people: ' + ', '.join(f'{g} {int((t.group == g).sum())}' for g in SUBGROUPS))
-    print(f'benchmark written to {out}')
+    r = synth(a.out, config_from_args(a), workers=a.workers, progress=a.progress)
+    print(f'{r.images} images of {r.people} people: ' + ', '.join(f'{g} {n}' for g, n in r.per_group.items()))
+    print(f'benchmark written to {r.path}')
     return 0
 
+def _only(*names)->tuple: return tuple(f.name for f in fields(SynthConfig) if f.name not in names)   # `exclude` keeping `names`
+
 def add_synth_parser(subparsers)->argparse.ArgumentParser:
-    "Add `mugshotrace synth` to an argparse subparsers object."
+    "Add `mugshotrace synth` to an argparse subparsers object (flags and defaults from `SynthConfig`)."
     p = subparsers.add_parser('synth', formatter_class=argparse.RawDescriptionHelpFormatter,
         help='make the semi-synthetic mugshot benchmark with injected, known biases',
         description='Make the semi-synthetic mugshot benchmark: synthetic people (one or more bookings each) warped from\n'
@@ -298,29 +317,25 @@ def add_synth_parser(subparsers)->argparse.ArgumentParser:
         epilog='per-subgroup values: GROUP=VALUE (BH, WH, BnH, WnH), repeatable or comma-separated; a bare number\n'
                'applies to every subgroup.\n\nexample:\n  mugshotrace synth --out bench --people 300 --court-noise BH=0.3 '
                '--cue-class White --cue-rate 0.9 --underrep BH=0.3')
+    d = SynthConfig()
     p.add_argument('--out', required=True, help='output folder (created; re-running resumes)')
-    p.add_argument('--people', type=int, default=200, help='number of synthetic people (default: %(default)s)')
-    p.add_argument('--seed', type=int, default=0, help='random seed (default: %(default)s)')
+    add_config_arguments(p, SynthConfig, exclude=_only('people', 'seed'))
     p.add_argument('--workers', type=int, default=1, help='rendering processes; output does not depend on it (default: %(default)s)')
     g = p.add_argument_group('images')
-    g.add_argument('--width', type=int, default=480, help='image width (default: %(default)s)')
-    g.add_argument('--height', type=int, default=600, help='image height (default: %(default)s)')
-    g.add_argument('--quality', default='70-95', help='JPEG quality range LO-HI, drawn per booking (default: %(default)s)')
-    g.add_argument('--bookings', default='0.5,0.3,0.2', help='probabilities of 1, 2, ... bookings per person (default: %(default)s)')
-    g.add_argument('--race-strength', type=float, default=1.0, help='render strength of skin lightness (default: %(default)s)')
-    g.add_argument('--ethnicity-strength', type=float, default=1.0, help='render strength of face geometry (default: %(default)s)')
+    add_config_arguments(g, SynthConfig, exclude=_only('width', 'height'))
+    g.add_argument('--quality', default='%d-%d' % d.jpeg_quality, help='JPEG quality range LO-HI, drawn per booking (default: %(default)s)')
+    g.add_argument('--bookings', dest='booking_probs', default=','.join(map(str, d.bookings)), help='probabilities of 1, 2, ... bookings per person (default: %(default)s)')
+    add_config_arguments(g, SynthConfig, exclude=_only('race_strength', 'ethnicity_strength', 'identity_strength', 'booking_variation'))
     g = p.add_argument_group('population and labels')
-    g.add_argument('--shares', action='append', metavar='G=S', help='subgroup shares of people (default: seed arrestee shares BH=.0918,WH=.3970,BnH=.3796,WnH=.1314)')
-    g.add_argument('--underrep', action='append', metavar='G=F', help='under-representation factor per subgroup, e.g. BH=0.3 (bias)')
-    g.add_argument('--court-noise', action='append', metavar='G=P', help='court rater flip probability per attribute (default 0.05; bias when uneven)')
-    g.add_argument('--student-noise', action='append', metavar='G=P', help='each student rater\'s flip probability (default 0.10)')
-    g.add_argument('--raters', type=int, default=5, help='student raters in the panel, odd (default: %(default)s)')
+    for key, mv, h in (('shares', 'G=S', 'subgroup shares of people (default: seed arrestee shares BH=.0918,WH=.3970,BnH=.3796,WnH=.1314)'),
+                       ('underrep', 'G=F', 'under-representation factor per subgroup, e.g. BH=0.3 (bias)'),
+                       ('court_noise', 'G=P', 'court rater flip probability per attribute (default 0.05; bias when uneven)'),
+                       ('student_noise', 'G=P', "each student rater's flip probability (default 0.10)")):
+        g.add_argument('--' + key.replace('_', '-'), dest=f'{key}_values', action='append', metavar=mv, help=h)
+    g.add_argument('--raters', type=int, default=d.student_raters, help='student raters in the panel, odd (default: %(default)s)')
     g = p.add_argument_group('spurious cue (bias)')
-    g.add_argument('--cue-class', default=None, help='class the cue goes with: Black, White, Hispanic, NonHispanic or a subgroup code (default: no cue)')
-    g.add_argument('--cue-rate', type=float, default=0.9, help='P(cue) for images of --cue-class (default: %(default)s)')
-    g.add_argument('--cue-rate-other', type=float, default=0.1, help='P(cue) for all other images (default: %(default)s)')
-    g.add_argument('--cue-kind', choices=CUE_KINDS, default='tint', help='backdrop tint or placard board (default: %(default)s)')
-    g.add_argument('--cue-strength', type=float, default=1.0, help='visual strength of the cue (default: %(default)s)')
-    p.add_argument('--no-progress', action='store_true', help='no progress bar')
-    p.set_defaults(func=_run_synth)
+    add_config_arguments(g, SynthConfig, exclude=_only('cue_class', 'cue_rate', 'cue_rate_other', 'cue_kind', 'cue_strength'))
+    g._option_string_actions['--cue-kind'].choices = CUE_KINDS
+    add_common_arguments(p, out=False)
+    p.set_defaults(func=_run_synth, config_cls=SynthConfig)
     return p

@@ -12,7 +12,7 @@ import random
 from pathlib import Path
 import numpy as np
 from fastai.callback.core import Callback
-from ..core import write_bytes, write_json, read_json
+from ..core import UserError, write_bytes, write_json, read_json
 
 # %% auto #0
 __all__ = ['save_checkpoint', 'read_checkpoint', 'check_resume_environment', 'restore_weights', 'restore_training_state',
@@ -82,7 +82,6 @@ def check_resume_environment(ck:dict, # a checkpoint from `read_checkpoint`
     "Raise `UserError` when `ck` was made on another device type or precision (or does not say), unless `force`."
     have = (ck.get('device'), ck.get('precision'))
     if have == (device, precision) or force: return
-    from mugshotrace.core import UserError
     made = f'{have[0]}/{have[1]}' if all(have) else 'an unrecorded device/precision'
     raise UserError(f'the checkpoint in {ck.get("folder")} was made on {made}; resuming on {device}/{precision} would not '
                     f'reproduce the run: resume where it was made, or force it (force_resume=True, mugshotrace run --force-resume)')
