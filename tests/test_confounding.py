@@ -4,6 +4,7 @@ The fast tests reproduce the seed's experiment on procedural images (target = el
 a black box trained where the two are confounded must have a clearly higher confounding metric than one trained on
 unconfounded data. The synth-benchmark version of the same experiment is marked slow."""
 import json
+from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
@@ -121,7 +122,8 @@ def _make_run(root, n=640, size=32):
     race, eth = np.array(['Black', 'White']), np.array(['Hispanic', 'NonHispanic'])
     preds = pd.DataFrame({'image_id': ids, 'label': race[t[400:]], 'race': race[t[400:]], 'ethnicity': eth[p[400:]]})
     write_csv(run/'preds'/'valid.csv', preds)
-    items = pd.DataFrame({'image_id': ids, 'file': [str(img/f'{i}.png') for i in ids]})
+    items = pd.DataFrame({'image_id': ids, 'file': [str(img/f'{i}.png') for i in ids],
+                          'person_id': [f'p{i // 2}' for i in range(len(ids))]})   # two images per person
     write_csv(root/'items.csv', items)
     return run, root/'items.csv'
 
@@ -250,3 +252,120 @@ def test_synth_benchmark_confounded_higher(tmp_path):
     cells = t[(t.metric == 'confounding') & (t.black_box == 'confounded') & (t.group != 'all') & (t.target_label != 'all')]
     assert {'Black', 'White'} == set(cells.group) and {'Hispanic', 'NonHispanic'} == set(cells.target_label)
     for pr in res.probes.values(): assert pr.summary['all_used_cross_verified']
+
+
+# --- the confounding interval: a bootstrap of images (or persons), not of fixed-size cells ---------------------------
+
+_P_CELLS = np.array([[0.05, 0.9], [0.1, 0.8]])   # flip rate per target label × group: very unequal cells
+
+
+def _old_stratified_interval(flip, cell, n_boot, alpha, seed):
+    "The former interval of the overall rate: every target label × group cell redrawn at its fixed size (binomial)."
+    k, n = np.bincount(cell, flip, 4), np.bincount(cell, minlength=4)
+    n, k = n[n > 0], k[np.bincount(cell, minlength=4) > 0]
+    boot = np.random.default_rng(seed).binomial(n[:, None], (k / n)[:, None], (len(n), n_boot)).sum(0) / n.sum()
+    return np.quantile(boot, [alpha / 2, 1 - alpha / 2])
+
+
+def _coverage(n_sims, n=150, n_boot=400, seed=0):
+    "Coverage of the overall rate (and of target label 0's rate) in studies of n images with random cell mix."
+    g = np.random.default_rng(seed); new = lab0 = old = 0
+    for i in range(n_sims):
+        tl, gr = g.integers(0, 2, n), g.integers(0, 2, n); f = g.random(n) < _P_CELLS[tl, gr]
+        t = confounding_table(f, tl, gr, n_boot=n_boot, seed=i)
+        new += t.ci_low[0] <= _P_CELLS.mean() <= t.ci_high[0]
+        r = t[t.target_label == 0].iloc[0]; lab0 += r.ci_low <= _P_CELLS[0].mean() <= r.ci_high
+        lo, hi = _old_stratified_interval(f, 2 * tl + gr, n_boot, 0.05, i); old += lo <= _P_CELLS.mean() <= hi
+    return new / n_sims, lab0 / n_sims, old / n_sims
+
+
+def test_confounding_interval_covers_where_fixed_cells_undercover():
+    """400 simulated probes of n = 150 images (Monte-Carlo SE of a 95 % coverage ≈ 1.1 points): the image bootstrap
+    covers the overall and per-label rates at about 95 %; the former fixed-cell interval undercovers (≈ 76 %)."""
+    new, lab0, old = _coverage(400)
+    assert 0.92 <= new <= 0.98 and 0.92 <= lab0 <= 0.98, (new, lab0)
+    assert old < 0.85, old
+
+
+@pytest.mark.slow
+def test_confounding_interval_coverage_large():
+    "2,000 simulated probes (Monte-Carlo SE ≈ 0.5 points): coverage within 93–97 %, the fixed-cell interval far below."
+    new, lab0, old = _coverage(2000, n_boot=1000, seed=1)
+    assert 0.93 <= new <= 0.97 and 0.93 <= lab0 <= 0.97, (new, lab0)
+    assert old < 0.85, old
+
+
+def test_confounding_interval_persons_and_pure_cells():
+    g = np.random.default_rng(5); n = 200
+    tl, gr = g.integers(0, 2, n), g.integers(0, 2, n); f = g.random(n) < _P_CELLS[tl, gr]
+    one = confounding_table(f, tl, gr, n_boot=4000, seed=0)
+    # every person twice with the same outcome: resampling persons gives the interval of the undoubled data,
+    # resampling images pretends there is twice the information (width ≈ 1/√2)
+    rep = lambda v: np.concatenate([v, v])
+    per = confounding_table(rep(f), rep(tl), rep(gr), n_boot=4000, seed=0, person=rep(np.arange(n)))
+    img = confounding_table(rep(f), rep(tl), rep(gr), n_boot=4000, seed=0)
+    w = lambda t: (t.ci_high - t.ci_low)[0]
+    assert abs(w(per) / w(one) - 1) < 0.1 and abs(w(img) / w(one) - 2**-0.5) < 0.1, (w(one), w(per), w(img))
+    assert per.value[0] == pytest.approx(f.mean())
+    # pure cells (all flips equal) get a Wilson interval, never zero width: 0 of 40 → [0, 0.088]
+    pure = confounding_table([False] * 40 + [True] * 10, [0] * 40 + [1] * 10, ['a'] * 50)
+    assert (pure.ci_high > pure.ci_low).all()
+    r = pure[(pure.target_label == 0) & (pure.group == 'a')].iloc[0]
+    assert r.ci_low == 0 and r.ci_high == pytest.approx(0.0876, abs=1e-3)
+    r = pure[(pure.target_label == 1) & (pure.group == 'a')].iloc[0]
+    assert r.ci_high == 1 and r.ci_low == pytest.approx(1 - 0.2775, abs=1e-3)
+
+
+# --- equalized-odds thresholds between observed scores --------------------------------------------------------------
+
+def test_equalized_odds_thresholds_are_midpoints():
+    """Known answer: perfectly separating scores per target label; the error-free point needs label 0's threshold in
+    (0.2, 0.6] and label 1's in (0.4, 0.8]: the midpoints 0.4 and 0.6, not the smallest positive scores 0.6 and 0.8."""
+    eo = fit_equalized_odds([.1, .2, .6, .7, .3, .4, .8, .9], [0, 0, 1, 1, 0, 0, 1, 1], [0, 0, 0, 0, 1, 1, 1, 1])
+    assert np.allclose(np.array(eo.thresholds, float), [[0.4], [0.6]]) and eo.weights == ((1.0,), (1.0,))
+    assert eo.fpr == pytest.approx(0) and eo.fnr == pytest.approx(0)
+    # a new attribute-1 image of label 1 scored a little below the smallest calibration positive is still called 1
+    assert eo.predict([0.75, 0.35, 0.55], [1, 0, 0], [0.3, 0.3, 0.3]).tolist() == [True, False, True]
+
+
+def test_equalized_odds_candidates_capped_and_equalized():
+    "Many distinct scores: at most max_thresholds midpoint candidates (none an observed score), still equalized."
+    g = np.random.default_rng(2); n = 4000
+    y = g.integers(0, 2, n); a = g.random(n) < 0.5
+    s = 1 / (1 + np.exp(-(np.where(a, 1.0, -1.0) + g.normal(0, np.where(y == 1, 1.5, 0.6)))))
+    eo = fit_equalized_odds(s, a, y, max_thresholds=64)
+    assert equalized_odds_gap(oracle_error_table(s, a, y, eo)) < 1e-6
+    used = np.array([t for th in eo.thresholds for t in th if np.isfinite(t)])
+    assert len(used) and not np.isin(used, s).any()
+
+
+# --- the probe is reproducible for a fixed seed ---------------------------------------------------------------------
+
+_REPRO = '''
+import sys, json, numpy as np, torch
+torch.set_num_threads(1)
+from mugshotrace.confounding.xgems import ConfoundConfig
+from mugshotrace.confounding.experiment import procedural_shapes, confounding_experiment
+draws = int(sys.argv[1]); torch.rand(draws); np.random.rand(draws); import random; random.random()
+x, t, p = procedural_shapes(600, 32, seed=0)
+cfg = ConfoundConfig(latent_dim=16, ae_width=8, ae_epochs=4, clf_epochs=8, bs=32, n_images=60, n_boot=100, steps=60)
+r = confounding_experiment(x, t, p, ('wide', 'tall'), ('dark', 'light'), {0: 0, 1: 1}, cfg, device='cpu')
+cols = ['black_box', 'metric', 'target_label', 'group', 'value', 'ci_low', 'ci_high', 'n']
+print(json.dumps(r.table[cols].astype({'target_label': str}).values.tolist()))
+'''
+
+
+def test_probe_reproducible_in_two_processes(tmp_path):
+    """The whole experiment (autoencoder, oracle, two black boxes, probes, intervals) at tiny sizes in two separate
+    processes with the same seed, after different draws from the global generators: identical numbers. (Before the
+    networks were seeded before being built, the two tables differed.)"""
+    import os, subprocess, sys
+    script = tmp_path/'repro.py'; script.write_text(_REPRO)
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get('PYTHONPATH')]))}
+    procs = [subprocess.Popen([sys.executable, str(script), d], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for d in ('1', '7')]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (o, e) in zip(procs, outs): assert p.returncode == 0, e[-2000:]
+    a, b = (json.loads(o.strip().splitlines()[-1]) for o, _ in outs)
+    assert a == b and len(a) > 0
+    assert any(r[1] == 'confounding' and r[2] == 'all' for r in a)

@@ -1,5 +1,5 @@
 """The attribute oracle recalibrated to equalized odds with respect to the target label (Hardt et al.), its
-Table 6.1, the attribute flips of counterfactuals, and the confounding metric with stratified bootstrap intervals.
+Table 6.1, the attribute flips of counterfactuals, and the confounding metric with bootstrap intervals over images or persons.
 
 Docs: https://mugshotrace.github.io/mugshotrace/api/confounding.oracle.html.md"""
 
@@ -42,14 +42,16 @@ class EqualizedOddsThresholds:
         return out
 
 def _roc_points(s, a, max_thresholds):
-    t = np.unique(np.quantile(s, np.linspace(0, 1, max_thresholds))) if len(np.unique(s)) > max_thresholds else np.unique(s)
+    "Candidate thresholds (the two constant answers and midpoints between consecutive distinct scores) and their ROC points."
+    v = np.unique(s); t = (v[:-1] + v[1:]) / 2   # never on an observed score: a new score a hair below it is not cut off
+    if len(t) > max_thresholds: t = t[np.unique(np.linspace(0, len(t) - 1, max_thresholds).round().astype(int))]
     t = np.concatenate([[-np.inf], t, [np.inf]])
     return t, (s[~a, None] >= t).mean(0), (s[a, None] >= t).mean(0)
 
 def fit_equalized_odds(score, # the oracle's score for attribute = 1 (e.g. its probability)
                        attr, # the true attribute (bool / 0-1)
                        label, # the target label of each calibration image
-                       max_thresholds:int=256 # candidate thresholds per label (score quantiles)
+                       max_thresholds:int=256 # candidate thresholds per label (midpoints at evenly spaced ranks)
                       )->EqualizedOddsThresholds:
     "Hardt et al. (2016) equalized odds w.r.t. `label`: the error-minimising common (FPR, TPR) reachable by every label."
     from scipy.optimize import linprog
@@ -138,25 +140,44 @@ def attribute_flips(cal:OracleCalibration, probs_orig, label_orig, probs_cf, lab
     return do != dc, np.where(do, c0, -1), np.where(dc, c0, -1)
 
 # %% ../../nbs/api/56_confounding.oracle.ipynb #5ebd0a03
+def _wilson(k, n, alpha):
+    "Wilson score interval of k successes in n (used where every outcome is the same and the bootstrap has no spread)."
+    from scipy.stats import norm
+    z = norm.ppf(1 - alpha / 2); p = k / n; d = 1 + z**2 / n
+    c, h = (p + z**2 / (2 * n)) / d, z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / d
+    return (0. if k == 0 else max(0., c - h)), (1. if k == n else min(1., c + h))
+
 def confounding_table(flip, # bool per verified xGEM: did the oracle attribute change?
                       target_label, # the original's target label (the black box's decision it had to change)
                       group, # the group of each image (e.g. the true protected attribute)
-                      n_boot:int=2000, alpha:float=0.05, seed:int=0)->pd.DataFrame:
-    "Confounding metric overall and per target label × group, with stratified-bootstrap percentile intervals."
+                      n_boot:int=2000, alpha:float=0.05, seed:int=0,
+                      person=None # person id per image: resample persons (all their images) instead of images
+                     )->pd.DataFrame:
+    "Confounding metric overall and per target label × group, with percentile intervals of a bootstrap of images (or persons)."
     d = pd.DataFrame({'flip': np.asarray(flip, bool), 'target_label': np.asarray(target_label), 'group': np.asarray(group)})
     if not len(d): raise UserError('no verified counterfactuals: nothing to measure')
+    d['unit'] = pd.factorize(pd.Series(np.asarray(person, object)))[0] if person is not None else np.arange(len(d))
     cells = d.groupby(['target_label', 'group'], sort=True).flip.agg(['sum', 'size']).reset_index()
-    g = np.random.default_rng(seed); n = cells['size'].to_numpy(); k = cells['sum'].to_numpy()
-    boot = g.binomial(n[:, None], (k / n)[:, None], (len(n), n_boot))   # flips per cell per replicate
-    cover = 1 - alpha   # through the coverage: alpha=0.05 gives bit for bit the intervals of the former ci=0.95
-    q = [(1 - cover) / 2, 1 - (1 - cover) / 2]
-    def row(tl, gr, kk, nn, bk, bn):
-        lo, hi = np.quantile(bk / bn, q)
+    ci = d.groupby(['target_label', 'group'], sort=True).ngroup().to_numpy()
+    nu, nc = d.unit.max() + 1, len(cells)
+    S, N = np.zeros((nu, nc)), np.zeros((nu, nc))   # flips and images per resampling unit × cell
+    np.add.at(S, (d.unit, ci), d.flip.to_numpy(float)); np.add.at(N, (d.unit, ci), 1.)
+    g = np.random.default_rng(seed); bk, bn = [], []
+    for b0 in range(0, n_boot, 250):   # replicates in chunks: counts of each unit drawn with replacement
+        W = g.multinomial(nu, np.full(nu, 1 / nu), size=min(250, n_boot - b0)).astype(float)
+        bk.append(W @ S); bn.append(W @ N)
+    bk, bn = np.concatenate(bk), np.concatenate(bn)   # n_boot × cell: flips and images per cell in each replicate
+    k, n = cells['sum'].to_numpy(), cells['size'].to_numpy()
+    def row(tl, gr, m):
+        kk, nn = k[m].sum(), n[m].sum()
+        if kk in (0, nn): lo, hi = _wilson(kk, nn, alpha)   # a pure row: every replicate equals the estimate
+        else:
+            with np.errstate(invalid='ignore', divide='ignore'): r = bk[:, m].sum(1) / bn[:, m].sum(1)
+            lo, hi = np.nanquantile(r, [alpha / 2, 1 - alpha / 2])   # replicates where the row is empty are left out
         return {'target_label': tl, 'group': gr, 'metric': 'confounding', 'value': kk / nn, 'ci_low': lo, 'ci_high': hi, 'n': int(nn)}
-    rows = [row('all', 'all', k.sum(), n.sum(), boot.sum(0), n.sum())]
-    for lab, m in cells.groupby('target_label').groups.items():
-        m = list(m); rows.append(row(lab, 'all', k[m].sum(), n[m].sum(), boot[m].sum(0), n[m].sum()))
-    rows += [row(r.target_label, r.group, r['sum'], r['size'], boot[i], r['size']) for i, r in cells.iterrows()]
+    rows = [row('all', 'all', np.arange(nc))]
+    for lab, m in cells.groupby('target_label').groups.items(): rows.append(row(lab, 'all', np.asarray(list(m))))
+    rows += [row(r.target_label, r.group, np.array([i])) for i, r in cells.iterrows()]
     return pd.DataFrame(rows)
 
 # %% ../../nbs/api/56_confounding.oracle.ipynb #e290aa85

@@ -74,7 +74,8 @@ class ProbeResult:
 def probe(ae:ConvAutoencoder, bb:BlackBox, oracle:Oracle, x:torch.Tensor, # images in [0, 1] at the autoencoder size
           true_label=None, group=None, # true target label index and group of each image (optional)
           cfg:ConfoundConfig=ConfoundConfig(), progress:bool=False,
-          device=None # where to search (None: where the autoencoder is); every network moves there
+          device=None, # where to search (None: where the autoencoder is); every network moves there
+          *, person=None # person id per image (optional): the intervals then resample persons, not images
          )->ProbeResult:
     "xGEMs confounding probe of black box `bb`: search, re-check, oracle, metric with intervals."
     seed_everything(cfg.seed)
@@ -97,7 +98,8 @@ def probe(ae:ConvAutoencoder, bb:BlackBox, oracle:Oracle, x:torch.Tensor, # imag
     df['used'] = df.crossed & (df.pred_orig == df.pred_recon)
     u_ = df[df.used]
     if not len(u_): raise UserError('no image crossed the boundary: raise --steps or the step size')
-    args = dict(n_boot=cfg.n_boot, alpha=cfg.alpha, seed=cfg.seed)
+    pid = np.asarray(person, object)[df.used.to_numpy()] if person is not None else None
+    args = dict(n_boot=cfg.n_boot, alpha=cfg.alpha, seed=cfg.seed, person=pid)
     lab = u_.true_label.to_numpy() if true_label is not None else cls[u_.pred_recon.to_numpy()]
     table = pd.concat([confounding_table(u_.flip, lab, u_.group, **args),
                        confounding_table(u_.flip_recon, lab, u_.group, **args).assign(metric='confounding_recon'),
@@ -172,7 +174,8 @@ def _run_pool(run:Run, items=None, faces=None, study=None)->pd.DataFrame:
         files = run.images(faces=faces)
         if 'status' in files: files = files[files.status == 'ok']
     if not {'image_id', 'file'} <= set(files.columns): raise UserError('the items table needs image_id and file columns')
-    pool = pool.merge(files[['image_id', 'file']].astype({'image_id': str}), on='image_id', how='inner')
+    cols = ['image_id', 'file'] + (['person_id'] if 'person_id' in files and 'person_id' not in pool else [])
+    pool = pool.merge(files[cols].astype({'image_id': str}), on='image_id', how='inner')
     if not len(pool): raise UserError('no image of the run\'s predictions has a file')
     return pool
 
@@ -229,7 +232,8 @@ def confound(source, # a `Run` or a finished run folder (model bundle + preds/)
     if len(pool) - n_probe < 40: raise UserError(f'only {len(pool)} readable images: too few to train the autoencoder and the oracle')
     perm = np.random.default_rng(cfg.seed).permutation(len(pool)); pr, rest = np.sort(perm[:n_probe]), perm[n_probe:]
     ae, oracle = _cached_models(out, mkey, x[rest], attr[rest], tl[rest], aclasses, cfg, dev)
-    res = probe(ae, bb, oracle, x[pr], tl[pr], np.asarray(aclasses)[attr[pr]], cfg, progress, dev)
+    person = pool.person_id.to_numpy()[pr] if 'person_id' in pool and pool.person_id.notna().all() else None
+    res = probe(ae, bb, oracle, x[pr], tl[pr], np.asarray(aclasses)[attr[pr]], cfg, progress, dev, person=person)
     tab = res.table.assign(run_id=run_id, attribute=attribute)
     tab = tab[['run_id', 'attribute', 'target_label', 'group', 'metric', 'value', 'ci_low', 'ci_high', 'n']]
     write_csv(out/'confounding.csv', tab)

@@ -115,6 +115,7 @@ def train_autoencoder(x:torch.Tensor, # N×3×S×S images in [0, 1]
                       device=None # torch device (None: the GPU when there is one)
                      )->ConvAutoencoder:
     "Train the xGEMs autoencoder on `x` with fastai (MSE, one-cycle); it stays on `device`."
+    seed_everything(cfg.seed)   # before the network is built: its initial weights come from the seeded generator
     ae = ConvAutoencoder(cfg.size, cfg.latent_dim, cfg.ae_width)
     fit_tensors(ae, x, x, nn.MSELoss(), cfg.ae_epochs, cfg.ae_lr, cfg.bs, seed=cfg.seed, device=device)
     return ae
@@ -123,6 +124,7 @@ def train_classifier(x:torch.Tensor, y:torch.Tensor, n_classes:int, cfg:Confound
                      width:int=16, device=None # torch device (None: the GPU when there is one)
                     )->SmallCNN:
     "Train a `SmallCNN` on images `x` (in [0, 1]) and integer labels `y` with fastai; it stays on `device`."
+    seed_everything(cfg.seed)   # before the network is built (as for the autoencoder)
     m = SmallCNN(n_classes, width)
     fit_tensors(m, x, y.long(), nn.CrossEntropyLoss(), cfg.clf_epochs, cfg.clf_lr, cfg.bs, seed=cfg.seed, device=device)
     return m
