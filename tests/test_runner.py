@@ -168,9 +168,7 @@ def test_dead_worker_is_recorded_and_retried_once(toy_root, monkeypatch, capsys)
     from mugshotrace.study import grid as experiments
     monkeypatch.setattr(experiments, '_local_worker', dying_worker)
     p = _study(toy_root, 'dead', grid={'arch': ['tiny_cnn'], 'variant': ['original'], 'label_source': ['court', 'student']})
-    t0 = time.time()
-    df = run_grid(p, workers=2, progress=False)
-    assert time.time() - t0 < 300
+    df = run_grid(p, workers=2, progress=False)   # a hang here is what the fix prevents (CI's time limit catches it)
     assert list(df.state) == ['done', 'failed'], df
     st = load_study(p); killed, dies = df.run_id
     s = read_state(st.runs_root, killed)

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from ..core import UserError, torch_device
 from .xgems import ConfoundConfig, train_classifier, predict_probs
+from ..audit.metrics import wilson_interval
 
 # %% auto #0
 __all__ = ['EqualizedOddsThresholds', 'fit_equalized_odds', 'expected_decisions', 'oracle_error_table', 'equalized_odds_gap',
@@ -140,13 +141,6 @@ def attribute_flips(cal:OracleCalibration, probs_orig, label_orig, probs_cf, lab
     return do != dc, np.where(do, c0, -1), np.where(dc, c0, -1)
 
 # %% ../../nbs/api/56_confounding.oracle.ipynb #5ebd0a03
-def _wilson(k, n, alpha):
-    "Wilson score interval of k successes in n (used where every outcome is the same and the bootstrap has no spread)."
-    from scipy.stats import norm
-    z = norm.ppf(1 - alpha / 2); p = k / n; d = 1 + z**2 / n
-    c, h = (p + z**2 / (2 * n)) / d, z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / d
-    return (0. if k == 0 else max(0., c - h)), (1. if k == n else min(1., c + h))
-
 def confounding_table(flip, # bool per verified xGEM: did the oracle attribute change?
                       target_label, # the original's target label (the black box's decision it had to change)
                       group, # the group of each image (e.g. the true protected attribute)
@@ -170,7 +164,7 @@ def confounding_table(flip, # bool per verified xGEM: did the oracle attribute c
     k, n = cells['sum'].to_numpy(), cells['size'].to_numpy()
     def row(tl, gr, m):
         kk, nn = k[m].sum(), n[m].sum()
-        if kk in (0, nn): lo, hi = _wilson(kk, nn, alpha)   # a pure row: every replicate equals the estimate
+        if kk in (0, nn): lo, hi = (float(v[0]) for v in wilson_interval([kk], [nn], alpha))   # a pure row: every replicate equals the estimate
         else:
             with np.errstate(invalid='ignore', divide='ignore'): r = bk[:, m].sum(1) / bn[:, m].sum(1)
             lo, hi = np.nanquantile(r, [alpha / 2, 1 - alpha / 2])   # replicates where the row is empty are left out
