@@ -39,6 +39,8 @@ SlurmctldHost=$NODE
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# a requeued job waits cred_expire+1 seconds before it may start again (default 120 s): short for tests
+AuthInfo=cred_expire=10
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -48,8 +50,12 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/filetxt
 JobCompLoc=$STATE/log/jobcomp.txt
 SchedulerType=sched/backfill
+# schedule every few seconds (defaults: 60 s main loop, 30 s backfill) so tests do not wait on the scheduler
+SchedulerParameters=sched_interval=2,bf_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
+# a job that asks for no memory gets 1 GiB per CPU (not the whole node), so array tasks share the node
+DefMemPerCPU=1024
 ReturnToService=2
 # pre-emption by requeue is tested with \`scontrol requeue\`; a requeued batch job starts again
 JobRequeue=1
