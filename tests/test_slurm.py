@@ -161,3 +161,15 @@ def test_status_shows_lost_runs(grid):
     assert status(runs).runs[0]['state'] == 'lost'
     os.utime(dst/'heartbeat')                  # a fresh heartbeat: running (a worker outside SLURM, say)
     assert status(runs).runs[0]['state'] == 'running'
+
+def test_slurm_tutorial_runs_on_the_cluster():
+    "nbs/tutorials/03_slurm: its `slurm` cells (a tiny grid as one array, status, --retry-failed) run against the test cluster."
+    from nbdev.test import test_nb
+    from mugshotrace import cli
+    cli.SUBCOMMANDS.setdefault('status', ('one table of every run of a study: state, SLURM job, epoch, heartbeat, time left',
+                                          'mugshotrace.study.status', 'add_status_parser'))   # no-op once the CLI lists it
+    nb = Path(__file__).resolve().parent.parent/'nbs'/'tutorials'/'03_slurm.ipynb'
+    t0 = time.time()
+    ok, _ = test_nb(nb, skip_flags=['slow', 'cuda'], force_flags=['slurm'])
+    print(f'tutorial on SLURM: {time.time() - t0:.0f} s')
+    assert ok
