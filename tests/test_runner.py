@@ -212,3 +212,37 @@ def test_resume_on_other_device_or_precision_is_refused(tmp_path):
     assert used['resumed_from'] == {'phase': 0, 'epoch': 1} and used['device'] == 'cpu'
     # the checkpoints it writes record where they were made
     info = read_checkpoint(ck, key); assert (info['device'], info['precision']) == ('cpu', 'fp32')
+
+# ---- 4. `mugshotrace status`: every state from the run folders (and SLURM's queue where there is one) ----
+
+def test_status_states_and_cli(tmp_path, capsys, monkeypatch):
+    "done, running, queued, failed, lost and pending from hand-made run folders and a stand-in queue; --json, --watch."
+    import argparse
+    from mugshotrace.core import write_json, write_text, write_csv
+    from mugshotrace.study import status as S
+    runs = tmp_path/'runs'
+    def fake(rid, state=None, hb_age=None, job=None, epochs=0):
+        p = run_paths(runs, rid); write_json(p.config, {'run_id': rid, 'name': rid, 'epochs': 2, 'freeze_epochs': 1, 'init': 'imagenet'})
+        if state: write_json(p.state, {'state': state, **({'error': 'ValueError: boom'} if state == 'failed' else {})})
+        if hb_age is not None: write_text(p.heartbeat, 'x'); os.utime(p.heartbeat, (time.time() - hb_age,) * 2)
+        if job: write_json(p.root/'job.json', {'job_id': job})
+        if epochs: write_csv(p.log, pd.DataFrame({'phase': 1, 'epoch': range(epochs), 'time': '01:30'}))
+    fake('a', 'done', 9, '5_0', 3); fake('b', 'running', 2, '5_1', 1); fake('c', None, None, '5_2'); fake('d', 'failed', 900, '5_3')
+    fake('e', 'running', 900, '5_4', 2); fake('f'); fake('g', 'pending', None, '5_5', 1)   # g: requeued, waiting
+    monkeypatch.setattr(S, 'squeue_jobs', lambda: {'5_1': {'state': 'RUNNING'}, '5_2': {'state': 'PENDING'}, '5_5': {'state': 'PENDING'}})
+    res = S.status(runs)
+    got = {r['run_id']: r['state'] for r in res.runs}
+    assert got == {'a': 'done', 'b': 'running', 'c': 'queued', 'd': 'failed', 'e': 'lost', 'f': 'pending', 'g': 'queued'}
+    b = next(r for r in res.runs if r['run_id'] == 'b')
+    assert (b['epoch'], b['epochs'], b['s_per_epoch'], b['eta_s'], b['job_id']) == (1, 3, 90.0, 180.0, '5_1')
+    assert next(r for r in res.runs if r['run_id'] == 'd')['error'] == 'ValueError: boom'
+    p = argparse.ArgumentParser(); sub = p.add_subparsers(); S.add_status_parser(sub)
+    args = p.parse_args(['status', str(runs), '--json'])
+    assert args.stale_after == S.StatusConfig().stale_after and args.func(args) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r['run_id']: r['state'] for r in rows} == got
+    monkeypatch.setattr(S, 'squeue_jobs', lambda: {})   # the queue is empty: nothing is queued any more
+    for rid in 'bceg': write_json(run_paths(runs, rid).state, {'state': 'done'})
+    write_json(run_paths(runs, 'f').state, {'state': 'failed', 'error': 'x'})
+    args = p.parse_args(['status', str(tmp_path/'runs'), '--watch', '--interval', '0.01'])
+    assert args.func(args) == 0 and '5 done, 2 failed' in capsys.readouterr().out   # --watch stops once every run is done or failed
