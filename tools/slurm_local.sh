@@ -10,6 +10,12 @@
 # State (config, spool, logs, pid files) lives in $MUGSHOTRACE_SLURM_DIR (default /tmp/mugshotrace-slurm). Nothing is
 # written under /etc/slurm: clients find the cluster through SLURM_CONF. Needs root (daemons, apt); where it cannot
 # start (a laptop without root or apt), `start` exits non-zero with one line and the SLURM tests skip with that reason.
+#
+# No accounting: `sacct` needs slurmdbd, whose only storage plugin is MySQL/MariaDB (Debian's slurm-wlm ships neither
+# slurmdbd nor a file-based accounting plugin; accounting_storage/filetxt was removed from SLURM long ago). So jobs are
+# seen with `squeue` while they exist (MinJobAge keeps finished ones in `scontrol show job` for 5 minutes) and in the
+# job-completion log (JobCompType=jobcomp/filetxt: one line per finished job or array task, with JobState and
+# ExitCode) in $STATE/log/jobcomp.txt. The grid's submitter waits with squeue for the same reason.
 set -euo pipefail
 STATE=${MUGSHOTRACE_SLURM_DIR:-/tmp/mugshotrace-slurm}
 CONF=$STATE/slurm.conf
