@@ -138,7 +138,7 @@ def _toy_run(tmp: Path, n_per=5, size=96):
     write_csv(vdir/'manifest.csv', pd.DataFrame(man)); write_csv(vdir/'landmarks.csv', pd.DataFrame(lms))
     run = tmp/'runs'/'toy'; model = _model('tiny_cnn')
     save_bundle(model, run, dict(arch='tiny_cnn', classes=['Black', 'White'], input_size=64, variant='openface'))
-    write_json(run/'config.json', dict(run_id='toy', arch='tiny_cnn', variant='openface', faces=str(faces)))
+    write_json(run/'config.json', dict(run_id='toy', arch='tiny_cnn', variant='openface', label_source='student', faces=str(faces)))
     spec = ARCHS['tiny_cnn']
     x, _ = load_inputs([vdir/'images'/f'{i}.png' for i, _ in meta], 64, spec.mean, spec.std)
     inv = torch.tensor([g == 'B' for _, g in meta])          # scenario B was evaluated upside down (the `invert` axis)
