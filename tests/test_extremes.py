@@ -143,8 +143,14 @@ def test_rerun_reuses_the_per_run_work(explained):
     from mugshotrace.study.folder import Study
     study, out = explained
     pngs = sorted((out/'runs').rglob('figures/best_worst/*.png')); stamp = {p: p.stat().st_mtime_ns for p in pngs}
+    from mugshotrace.audit.frame import AuditFrame
+    before = pd.read_csv(out/'extremes.csv')
+    AuditFrame.from_runs(Study.open(study)).to_csv(study/'audit'/'audit.csv')       # the study's own audit table is used when there
     r = explain(Study.open(study), cfg=ExplainConfig(extremes=1, bs=8, n_boot=200, n_perm=199), progress=False)
     assert r.out == out and len(r.scenarios) == 8 and all(p.stat().st_mtime_ns == t for p, t in stamp.items())
+    assert json.loads((out/'extremes.json').read_text())['audit'] == str(study/'audit'/'audit.csv')
+    after = pd.read_csv(out/'extremes.csv')
+    assert list(after.run_id) == list(before.run_id) and list(after.test_set) == list(before.test_set)
 
 
 def test_a_study_without_extremes_is_refused(tmp_path, capsys):
