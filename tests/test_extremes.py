@@ -226,3 +226,33 @@ def test_between_race_test_size_and_power_simulation():
                      .loc[('mouth', 'A')].q_between_race <= 0.05 for s in range(200)])
     print(f'power at an 8-point shift, 40 persons per race: {power:.3f}')
     assert power > 0.9
+
+
+@pytest.mark.slow
+def test_explain_extremes_on_a_synth_study(tmp_path):
+    """synth → two preprocessing variants → 4 real tiny_cnn runs (run_grid) → audit → `explain STUDY --extremes 2`: with 2 runs × 2
+    test variants per label source and race, the 2 highest and 2 lowest cover every scenario, cross-variant ones included."""
+    import yaml
+    from mugshotrace.cli import main
+    from mugshotrace.study.grid import run_grid
+    synth = pytest.importorskip('mugshotrace.synth.benchmark')
+    bench = synth.make_benchmark(tmp_path/'bench', synth.SynthConfig(people=40, seed=2, width=240, height=300), progress=False)
+    cols = {s: {'race': f'race_{s}', 'ethnicity': f'ethnicity_{s}'} for s in ('court', 'student')}
+    study = {'name': 'mini', 'data': {'labels': {'table': str(bench/'labels.csv'), 'columns': cols}, 'images': str(bench),
+                                      'preprocessed': str(tmp_path/'faces'), 'preprocess': {'size': 96, 'progress': False}, 'truth': str(bench)},
+             'train': {'epochs': 1, 'size': 64, 'bs': 8, 'n_per_class': 6, 'init': 'random', 'aug': False},
+             'grid': {'arch': ['tiny_cnn'], 'variant': ['openface', 'resized'], 'label_source': ['court', 'student']}, 'runs': str(tmp_path/'runs')}
+    sp = tmp_path/'study.yaml'; sp.write_text(yaml.safe_dump(study))
+    df = run_grid(sp, progress=False); assert (df.state == 'done').all(), df
+    assert main(['audit', str(tmp_path), '--n-boot', '50', '--no-progress']) == 0
+    assert main(['explain', str(tmp_path), '--extremes', '2', '--max-images', '6', '--n-boot', '200', '--n-perm', '199', '--no-progress']) == 0
+    out = tmp_path/'explain'
+    ext = pd.read_csv(out/'extremes.csv')
+    print(ext[['label_source', 'race', 'end', 'run_id', 'test_set', 'accuracy', 'ci_low', 'ci_high']].to_string())
+    assert len(ext) == 16 and ext.cross_variant.sum() == 8 and all(t.split(':')[-1].startswith(f'{s}/') for s, t in zip(ext.label_source, ext.test_set))
+    assert (ext.m == 4).all()                                     # 2 runs × 2 test variants per label source and race
+    ex = pd.read_csv(out/'explained.csv', dtype={'image_id': str})
+    assert set(ex.test_variant) == {'openface', 'resized'} and ex.test_set.str.contains(':').any()   # cross-variant covered
+    reg = pd.read_csv(out/'regions_by_race.csv'); print(reg.to_string())
+    assert set(reg.label_source) == {'court', 'student'} and (reg.n_models >= 1).all() and reg.groupby(['label_source', 'race']).share.sum().round(6).eq(1).all()
+    assert json.loads((out/'extremes.json').read_text())['synthetic'] is True
