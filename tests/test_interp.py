@@ -109,6 +109,32 @@ def test_region_shares_partition_under_similarity(seed):
     s = region_shares(rng.random((3, 96, 96)), np.stack([lm] * 3))
     np.testing.assert_allclose(s.sum(axis=1), 1.0)
 
+@pytest.mark.parametrize('seed', range(5))
+def test_fine_regions_partition_the_face(seed):
+    """The nine regions partition the image; the eight facial ones partition exactly the face hull (nothing of the face
+    is left as background, nothing outside it is facial); each is non-empty and keeps its anatomy after a similarity
+    transform; the coarse regions are sums of the fine ones."""
+    import cv2
+    from mugshotrace.faces.landmarks import face_hull
+    from mugshotrace.interp.regions import COARSE_REGIONS, coarse_shares
+    rng = np.random.default_rng(seed)
+    ang, sc, t = rng.uniform(-0.3, 0.3), rng.uniform(0.6, 1.2), rng.uniform(-10, 10, 2)
+    R = sc * np.array([[np.cos(ang), -np.sin(ang)], [np.sin(ang), np.cos(ang)]])
+    lm = (frame_landmarks(128) - 64) @ R.T + 64 + t
+    rm = region_map(lm, (128, 128))
+    assert set(np.unique(rm)) == set(range(len(REGIONS)))                            # every region is there
+    hull = np.zeros((128, 128), np.uint8)
+    cv2.fillPoly(hull, [np.round(face_hull(lm) * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
+    face = rm != REGIONS.index('hair_background')
+    assert (face == hull.astype(bool)).mean() > 0.999                                 # facial regions = the face hull (up to edge pixels)
+    at = lambda p: REGIONS[rm[int(round(p[1])), int(round(p[0]))]]
+    assert at(lm[30]) == 'lower_nose' and at(lm[28]) == 'mid_nose' and at(lm[[62, 66]].mean(0)) == 'mouth'
+    assert at(lm[[1, 40]].mean(0)) == 'upper_cheekbone' and at(lm[[5, 57]].mean(0)) == 'jaw'
+    s = region_shares(rng.random((2, 128, 128)), np.stack([lm, lm]))
+    np.testing.assert_allclose(s.sum(axis=1), 1.0)
+    np.testing.assert_allclose(coarse_shares(s)[list(COARSE_REGIONS)].sum(axis=1), 1.0)
+    assert sorted(r for parts in COARSE_REGIONS.values() for r in parts) == sorted(REGIONS)   # the coarse map covers each fine region once
+
 # ---------------------------------------------------------------- best / worst
 def test_best_worst_against_bruteforce():
     rng = np.random.default_rng(0); n = 200
@@ -138,7 +164,7 @@ def _toy_run(tmp: Path, n_per=5, size=96):
     write_csv(vdir/'manifest.csv', pd.DataFrame(man)); write_csv(vdir/'landmarks.csv', pd.DataFrame(lms))
     run = tmp/'runs'/'toy'; model = _model('tiny_cnn')
     save_bundle(model, run, dict(arch='tiny_cnn', classes=['Black', 'White'], input_size=64, variant='openface'))
-    write_json(run/'config.json', dict(run_id='toy', arch='tiny_cnn', variant='openface', faces=str(faces)))
+    write_json(run/'config.json', dict(run_id='toy', arch='tiny_cnn', variant='openface', label_source='student', faces=str(faces)))
     spec = ARCHS['tiny_cnn']
     x, _ = load_inputs([vdir/'images'/f'{i}.png' for i, _ in meta], 64, spec.mean, spec.std)
     inv = torch.tensor([g == 'B' for _, g in meta])          # scenario B was evaluated upside down (the `invert` axis)
