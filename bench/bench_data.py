@@ -67,16 +67,17 @@ def identical(items, size, bs, cache_dir, aug):
     return ok, len(pairs)
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--n', type=int, default=512); ap.add_argument('--size', type=int, default=299)
     ap.add_argument('--bs', type=int, default=64); ap.add_argument('--blocks', type=int, default=3)
     ap.add_argument('--work', default=None); ap.add_argument('--out', default=None, help='CSV of the per-block timings')
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     import torch; torch.set_num_threads(1)
     work = Path(a.work or tempfile.mkdtemp(prefix='bench_data_'))
     files = make_images(work / f'imgs{a.size}', a.n, a.size)
     items = items_for(files); cache = work / 'cache'
+    import fastai.vision.all  # noqa: F401  (imported before the one-off build is timed)
     print(f'load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; {a.n} images {a.size}x{a.size} JPEG, bs {a.bs}, 1 thread')
     t = time.perf_counter(); dls_for(items, a.size, a.bs, cache); tb = time.perf_counter() - t
     print(f'cache build (one-off decode + resize, 2 threads, incl. DataLoaders): {tb:.2f} s ({a.n / tb:.0f} img/s)')
@@ -99,6 +100,7 @@ def main():
         print(f'{what:6s}: fastai {d.fastai.median():7.0f} img/s/core, cache {d.cache.median():7.0f} img/s/core, '
               f'ratio median {r.median():.2f}x (blocks {", ".join(f"{x:.2f}" for x in r)})' + ('  (target >= 3x)' if what == 'loader' else ''))
     if not (same_off and same_on): sys.exit('batches differ between the two paths')
+    return {'timings': df, 'identical_aug_off': same_off, 'identical_aug_on': same_on, 'build_s': tb}
 
 
 if __name__ == '__main__':
