@@ -180,6 +180,7 @@ def test_cache_is_invalidated_by_a_changed_file_or_size(tmp_path):
     items = _cache_items(tmp_path, n=6); files = list(items.file)
     c = ImageCache(tmp_path / 'c', 20); r = c.ensure(files)
     assert ImageCache(tmp_path / 'c', 20).ensure(files) == r and len(list(c.dir.glob('*.npy'))) == 1   # reused, not re-decoded
+    assert all((p.stat().st_mode & 0o777) == 0o600 for p in [*c.dir.glob('*.npy'), *c.dir.glob('[!s]*.json')])   # faces: owner-only
     Image.new('RGB', (33, 41), (9, 200, 30)).save(files[2])   # rewritten in place: new size and mtime
     c2 = ImageCache(tmp_path / 'c', 20); r2 = c2.ensure(files)
     assert r2[2] != r[2] and [x for i, x in enumerate(r2) if i != 2] == [x for i, x in enumerate(r) if i != 2]
