@@ -121,3 +121,114 @@ def test_real_preprocessing_variants(tmp_path, stats):
             assert xb.shape[1:] == (3, st['input_size'], st['input_size'])
             torch.testing.assert_close(xb[0].cpu(), _expected(dls.valid.items.file.iloc[0], st['input_size'], st['mean'], st['std']), atol=2e-2, rtol=0)
     assert built == list(VARIANTS)  # both photos are clear frontal faces: every variant keeps them
+
+
+# --- the decode-once cache (train.cache) against today's path ---------------------------------------------------
+
+def _cache_items(root, n=22, rng=None):
+    "JPEGs of varied shapes (all need resizing), 3 classes of unequal size, 6 validation images."
+    rng = rng or np.random.default_rng(0); rows = []
+    for k in range(n):
+        f = root / f'c{k}.jpg'
+        Image.fromarray(rng.integers(0, 255, (40 + 3 * k, 30 + (k % 5) * 7, 3), dtype=np.uint8)).save(f, quality=90)
+        rows.append((f'c{k}', str(f), 'abc'[0 if k % 4 == 0 else 1 + (k % 2)], k >= n - 6))
+    return pd.DataFrame(rows, columns=['image_id', 'file', 'label', 'is_valid'])
+
+def _all_batches(items, cache_dir, aug, weighted=False, num_workers=0, epochs=2):
+    "Build, then iterate (train for `epochs`, valid, test without and with labels): one path at a time."
+    dls = face_dataloaders(items, 28, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), bs=4, aug=aug, seed=7, weighted=weighted,
+                           num_workers=num_workers, cache_dir=cache_dir)
+    test = items.iloc[::-1].reset_index(drop=True)
+    return dls, ([b for _ in range(epochs) for b in dls.train] + list(dls.valid)
+                 + list(mdata.test_dl(dls, test.drop(columns='label'))) + list(mdata.test_dl(dls, test)))
+
+def _same(a, b):
+    assert len(a) == len(b)
+    for p, q in zip(a, b):
+        assert len(p) == len(q)
+        for u, v in zip(p, q): assert type(u) is type(v) and u.dtype == v.dtype and torch.equal(u, v)
+
+@pytest.mark.parametrize('aug,weighted,workers', [(False, False, 0), (True, False, 0), (True, True, 0), (True, True, 2)])
+def test_cache_gives_identical_batches(tmp_path, aug, weighted, workers):
+    "Bit-identical batches (values, dtype, fastai type) for a fixed seed: train epochs, valid, test_dl with/without labels."
+    items = _cache_items(tmp_path)
+    d0, old = _all_batches(items, None, aug, weighted, workers)
+    d1, new = _all_batches(items, tmp_path / 'cache', aug, weighted, workers)
+    _same(old, new)
+    assert type(d1.train).__name__ == ('CachedWeightedDL' if weighted else 'CachedDL') and type(d0.train).__name__ != type(d1.train).__name__
+    assert list(d1.vocab) == list(d0.vocab) == ['a', 'b', 'c'] and d1.c == 3
+    # the uint8 rows are what an independent PIL bilinear squish gives (no fastai involved)
+    from mugshotrace.train.cache import ImageCache
+    c = ImageCache(tmp_path / 'cache', 28); f = items.file[3]
+    want = np.asarray(Image.open(f).convert('RGB').resize((28, 28), Image.BILINEAR)).transpose(2, 0, 1)
+    np.testing.assert_array_equal(c.gather(c.ensure([f])), want[None])
+
+def test_weighted_sampling_through_the_cache_balances_classes(tmp_path):
+    items = _cache_items(tmp_path, n=30)
+    dls = face_dataloaders(items, 16, (0.5,) * 3, (0.5,) * 3, bs=8, aug=False, weighted=True, seed=0, cache_dir=tmp_path / 'c')
+    ys = np.concatenate([y.numpy() for _ in range(200) for _, y in dls.train])
+    tr = items[~items.is_valid].label.value_counts().sort_index()
+    assert tr.max() / tr.min() >= 2 and list(dls.vocab) == list(tr.index)
+    # each image weighs 1 / (its class's count among all items, as `class_weights` is called on train + valid)
+    w = tr / items.label.value_counts().sort_index(); want = (w / w.sum()).to_numpy()
+    sd = np.sqrt(want * (1 - want) / len(ys))
+    assert (np.abs(np.bincount(ys, minlength=3) / len(ys) - want) < 4 * sd).all()
+    assert abs(want - tr.to_numpy() / tr.sum()).max() > 10 * sd.max()   # far from unweighted sampling
+
+def test_cache_is_invalidated_by_a_changed_file_or_size(tmp_path):
+    from mugshotrace.train.cache import ImageCache, decode_resized
+    items = _cache_items(tmp_path, n=6); files = list(items.file)
+    c = ImageCache(tmp_path / 'c', 20); r = c.ensure(files)
+    assert ImageCache(tmp_path / 'c', 20).ensure(files) == r and len(list(c.dir.glob('*.npy'))) == 1   # reused, not re-decoded
+    assert all((p.stat().st_mode & 0o777) == 0o600 for p in [*c.dir.glob('*.npy'), *c.dir.glob('[!s]*.json')])   # faces: owner-only
+    Image.new('RGB', (33, 41), (9, 200, 30)).save(files[2])   # rewritten in place: new size and mtime
+    c2 = ImageCache(tmp_path / 'c', 20); r2 = c2.ensure(files)
+    assert r2[2] != r[2] and [x for i, x in enumerate(r2) if i != 2] == [x for i, x in enumerate(r) if i != 2]
+    np.testing.assert_array_equal(c2.gather(r2[2:3])[0], decode_resized(files[2], 20))
+    assert (c2.gather(r2[2:3])[0, 1] > 150).all()
+    c3 = ImageCache(tmp_path / 'c', 24)
+    assert c3.dir != c.dir and c3.gather(c3.ensure(files)).shape == (6, 3, 24, 24)
+    # and through face_dataloaders: the changed image reaches the batch
+    it = items.assign(is_valid=[False] * 4 + [True] * 2)
+    x1 = face_dataloaders(it, 20, (0,) * 3, (1,) * 3, bs=6, aug=False, cache_dir=tmp_path / 'c').test_dl(it.iloc[[2]], with_labels=False).one_batch()[0]
+    np.testing.assert_allclose(x1[0].numpy() * 255, decode_resized(files[2], 20).astype(np.float32), atol=1e-3)
+
+_WRITER = '''
+import sys, json
+from mugshotrace.train.cache import ImageCache
+c = ImageCache(sys.argv[1], 40, workers=1); files = sys.argv[2:]
+refs = c.ensure(files); print(json.dumps({"refs": refs, "sum": int(c.gather(refs).astype("int64").sum())}))
+'''
+
+def test_concurrent_writers_share_one_decode(tmp_path):
+    "Three processes fill the same cache at once: one shard is written, all three read the same rows; no debris."
+    import json, os, subprocess, sys
+    from mugshotrace.train.cache import ImageCache, decode_resized
+    files = list(_cache_items(tmp_path, n=40).file)
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join(sys.path)}
+    ps = [subprocess.Popen([sys.executable, '-c', _WRITER, str(tmp_path / 'c'), *files], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+          for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in ps]
+    assert all(p.returncode == 0 for p in ps), [o[1][-500:] for o in outs]
+    got = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]
+    assert got[0] == got[1] == got[2]
+    c = ImageCache(tmp_path / 'c', 40)
+    assert len(list(c.dir.glob('*.npy'))) == 1 and not list(c.dir.glob('.*.tmp'))
+    assert got[0]['sum'] == sum(int(decode_resized(f, 40).astype(np.int64).sum()) for f in files)
+
+def test_training_through_the_cache_gives_the_same_weights(tmp_path):
+    "A tiny CPU training run (augmentation on, weighted sampling) ends with bit-identical weights on both paths."
+    from mugshotrace.core import seed_everything
+    from mugshotrace.train.models import face_learner, get_arch
+    items = _cache_items(tmp_path, n=26); spec = get_arch('tiny_cnn')
+    def train(cache_dir):
+        dls = face_dataloaders(items, 32, spec.mean, spec.std, bs=4, aug=True, seed=3, weighted=True, cache_dir=cache_dir)
+        learn = face_learner(dls, 'tiny_cnn', seed=3); seed_everything(3)
+        with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(2, 1e-2)
+        with learn.no_bar(): p, _ = learn.get_preds(dl=mdata.test_dl(dls, items))
+        return {k: v.clone() for k, v in learn.model.state_dict().items()}, p
+    (w0, p0), (w1, p1) = train(None), train(tmp_path / 'cache')
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert torch.equal(p0, p1)
+    init = face_learner(face_dataloaders(items, 32, spec.mean, spec.std, bs=4, aug=False), 'tiny_cnn', seed=3).model.state_dict()
+    assert any(not torch.equal(init[k], w0[k]) for k in w0 if w0[k].is_floating_point())   # training moved the weights
