@@ -20,9 +20,10 @@ SUBCOMMANDS = {
     'preprocess': ('preprocess faces (original, resized, openface, mtcnn) with a complete manifest', 'mugshotrace.faces.preprocess', 'add_preprocess_parser'),
     'run':        ('train and evaluate the grid of models a study file describes (resumable)', 'mugshotrace.study.grid', 'add_run_parser'),
     'audit':      ('self-audit every run on every disaggregated test set, with intervals', 'mugshotrace.audit.selfaudit', 'add_audit_parser'),
-    'explain':    ('Grad-CAM / guided backprop for the best and worst image of every scenario', 'mugshotrace.interp.explain', 'add_explain_parser'),
+    'explain':    ('Grad-CAM / guided backprop for the best and worst image of every scenario, or of a study\'s extremes (--extremes K)', 'mugshotrace.interp.explain', 'add_explain_parser'),
     'label':      ('label images in bulk with a shareable model bundle', 'mugshotrace.bulk.label', 'add_label_parser'),
     'confound':   ('xGEMs confounding probe: does a model lean on a protected attribute?', 'mugshotrace.confounding.probe', 'add_confound_parser'),
+    'status':     ('one table of every run of a study: state, SLURM job, epoch, heartbeat, time left', 'mugshotrace.study.status', 'add_status_parser'),
     'report':     ('model cards and one self-contained HTML report per study', 'mugshotrace.report.html', 'add_report_parser'),
 }
 
