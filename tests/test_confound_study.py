@@ -238,6 +238,11 @@ def test_external_oracle_is_used(study, tmp_path):
     assert s['groups'][0]['oracle_accuracy_original'] > 0.9
     tab = res.table; a, b = _row(tab, 'confounded'), _row(tab, 'unconfounded')
     assert a['rank'] == 1 and a.net_ci_low > b.net_ci_high
+    # one run with the same external oracle: only the autoencoder is trained and saved
+    small = ConfoundConfig(ae_epochs=2, ae_width=16, bs=32, n_images=40, n_boot=100, steps=60)
+    r = confound(root/'runs'/'confounded', tmp_path/'run_ext', small, oracle=tmp_path/'gstar', progress=False).summary
+    assert r['oracle_source']['source'] == 'external bundle' and r['oracle']['accuracy_heldout'] > 0.9
+    assert (tmp_path/'run_ext'/'autoencoder.safetensors').exists() and not (tmp_path/'run_ext'/'oracle.safetensors').exists()
 
 
 def test_wrong_oracle_is_a_one_line_error(study, tmp_path, capsys):
@@ -246,6 +251,8 @@ def test_wrong_oracle_is_a_one_line_error(study, tmp_path, capsys):
     with pytest.raises(UserError, match='not the 2 classes of ethnicity'):
         confound(root, tmp_path/'wrong', CFG, oracle=root/'runs'/'confounded')
     assert not (tmp_path/'wrong').exists()
+    with pytest.raises(UserError, match='not the 2 classes of ethnicity'):   # probing one run: the same check
+        confound(root/'runs'/'unconfounded', tmp_path/'wrong_run', CFG, oracle=root/'runs'/'confounded')
     from mugshotrace.cli import main
     assert main(['confound', str(root), '--oracle', str(root/'runs'/'confounded'), '--out', str(tmp_path/'wrong')]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -281,3 +288,41 @@ def test_same_seed_same_numbers_in_another_process(study, tmp_path):
                        env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path/'o'/'confounding_ranking.csv'), study['table'])
+
+
+# --- the statistics, by simulation ----------------------------------------------------------------------------------
+
+def test_net_interval_covers():
+    """400 simulated probes of 150 images: attribute flips from the reconstruction (rate 0.1) plus flips of the move
+    (0.3 of the rest), so the true net is 0.27. The paired bootstrap interval of the net covers at about 95 % (SE ≈ 1.1)."""
+    g = np.random.default_rng(0); n, hit, width = 150, 0, []
+    unit = np.arange(n)
+    for i in range(400):
+        rec = g.random(n) < 0.1; flip = rec | (g.random(n) < 0.3)
+        img = pd.DataFrame({'used': True, 'flip': flip, 'flip_recon': flip, 'recon_attribute_flip': rec})
+        r = net_rows(img, unit_weights(n, 400, i), unit)[0][0]
+        hit += r['net_ci_low'] <= 0.27 <= r['net_ci_high']; width.append(r['net_ci_high'] - r['net_ci_low'])
+    assert 0.92 <= hit / 400 <= 0.98, hit / 400
+    # pairing: the width is that of the paired difference (var = 0.233 + 0.09 − 2·0.063), not of independent rates
+    paired, indep = 2 * 1.96 * np.sqrt((0.37 * 0.63 + 0.1 * 0.9 - 2 * 0.1 * 0.63) / n), 2 * 1.96 * np.sqrt((0.37 * 0.63 + 0.1 * 0.9) / n)
+    assert abs(np.mean(width) / paired - 1) < 0.1 and np.mean(width) < 0.85 * indep, (np.mean(width), paired, indep)
+
+
+def test_pairwise_distinguishability_holds_its_level():
+    """Three models with the same true net on the same 150 images (paired replicates): over 300 simulated studies, some
+    pair is called distinguishable after Holm in at most the nominal 5 % (plus Monte-Carlo error); a real gap is found."""
+    from mugshotrace.confounding.ranking import rank_models
+    g = np.random.default_rng(1); n, false_pos, found = 150, 0, 0
+    unit = np.arange(n)
+    for i in range(300):
+        W = unit_weights(n, 400, i); net, reps = {}, {}
+        for m, rate in (('a', 0.3), ('b', 0.3), ('c', 0.3), ('d', 0.6)):
+            f = g.random(n) < rate
+            rows, rp = net_rows(pd.DataFrame({'used': True, 'flip': f, 'flip_recon': f, 'recon_attribute_flip': False}), W, unit)
+            net[m], reps[m] = rows[0]['net'], rp['confounding']
+        _, pw = rank_models({k: net[k] for k in 'abc'}, {k: reps[k] for k in 'abc'})
+        false_pos += pw.distinguishable.any()
+        _, pw = rank_models({k: net[k] for k in 'ad'}, {k: reps[k] for k in 'ad'})
+        found += pw.distinguishable.all()
+    assert false_pos / 300 <= 0.08, false_pos / 300
+    assert found / 300 > 0.95, found / 300
