@@ -219,6 +219,10 @@ def test_tiny_study_is_too_small(study, tmp_path):
     assert res.n_ranked == 0 and not (root/'confound'/'models').exists()
     from mugshotrace.cli import main
     assert main(['confound', str(root), '--n-boot', '50']) == 0
+    # the only variant's manifest is missing: its runs are skipped with the reason, and nothing is left to probe
+    shutil.rmtree(root/'faces'/'original'); (root/'confound'/'.stage-confound-study.json').unlink()
+    with pytest.raises(UserError, match='no model could be probed .*no manifest'):
+        confound(root, cfg=CFG, progress=False)
 
 
 @pytest.mark.slow
