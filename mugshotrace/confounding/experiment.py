@@ -16,7 +16,7 @@ from ..core import UserError, torch_device
 from ..synth.benchmark import load_truth
 from .xgems import ConfoundConfig, ConvAutoencoder, train_autoencoder, train_classifier, reconstruction_quality
 from .oracle import Oracle, fit_oracle
-from .probe import BlackBox, probe, load_image_tensor
+from .blackbox import BlackBox, probe, load_image_tensor
 
 # %% auto #0
 __all__ = ['procedural_shapes', 'confounded_subsample', 'ExperimentResult', 'confounding_experiment', 'synth_experiment']
