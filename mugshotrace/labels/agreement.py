@@ -204,7 +204,7 @@ def majority_accuracy(m:int, error:float)->float:
     k = np.arange(m + 1); p = binom.pmf(k, m, 1 - error)
     return float(p[k > m / 2].sum() + (0.5 * p[k == m / 2].sum() if m % 2 == 0 else 0))
 
-# %% ../../nbs/api/16_labels.agreement.ipynb #f4121db9
+# %% ../../nbs/api/16_labels.agreement.ipynb #5f8d3926
 def phi_coefficient(pred, ref, # two label vectors (pairs with a missing value are dropped)
                     positive, # the class coded 1
                     alpha:float=0.05)->dict:
