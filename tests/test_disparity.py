@@ -64,6 +64,10 @@ def test_bootstrap_point_estimates_equal_the_direct_estimators():
     np.testing.assert_allclose(pt['corrected'], corrected_means(s['y'], s['pred'], M)[0])
     np.testing.assert_allclose(pt['bounds_low'], bound_means(s['y'], s['pred'], M)[0]); np.testing.assert_allclose(pt['bounds_high'], bound_means(s['y'], s['pred'], M)[1])
     assert bs['corrected'].shape == (20, 2) and (bs['bounds_low'] <= bs['bounds_high'] + 1e-12).all()
+    c = simulate_population(n=3000, n_lab=400, means=(0., 1.), seed=4)                # a continuous outcome: the cumulative-sum path
+    pc, _ = estimate_all(c['y'], c['pred'], c['P'], c['lab_true'], c['lab_pred'], n_boot=0)
+    Mc = error_matrix(c['lab_true'], c['lab_pred'], 2)[0]
+    np.testing.assert_allclose(pc['bounds_low'], bound_means(c['y'], c['pred'], Mc)[0]); np.testing.assert_allclose(pc['bounds_high'], bound_means(c['y'], c['pred'], Mc)[1])
 
 def test_naive_attenuation_matches_the_misclassification_prediction():
     s = simulate_population(n=200_000, n_lab=10, sep=2.0, rates=(.2, .5), seed=5)
