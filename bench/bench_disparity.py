@@ -53,27 +53,28 @@ def main(argv=None):
     ap.add_argument('--n-boot', type=int, default=1000); ap.add_argument('--imputations', type=int, default=20)
     ap.add_argument('--baseline-reps', type=int, default=20, help='replicates the baseline loop is timed on (extrapolated)')
     a = ap.parse_args(argv)
-    print(f'load average {os.getloadavg()} on {os.cpu_count()} CPUs (shared machine: other jobs may be running)')
+    print(f'load average {tuple(round(x, 2) for x in os.getloadavg())} on {os.cpu_count()} CPUs (shared machine: other jobs may be running)')
     s = simulate_population(n=a.n, n_lab=a.n_lab, seed=0)
     print(f'{a.n:,} predictions, labelled set {a.n_lab:,}, {a.n_boot} bootstrap replicates')
     tracemalloc.start()
-    t = time.perf_counter(); pt, bs = estimate_all(s['y'], s['pred'], s['P'], s['lab_true'], s['lab_pred'], n_boot=a.n_boot, seed=0); t_ours = time.perf_counter() - t
+    c = time.process_time(); t = time.perf_counter(); pt, bs = estimate_all(s['y'], s['pred'], s['P'], s['lab_true'], s['lab_pred'], n_boot=a.n_boot, seed=0); t_ours = time.perf_counter() - t; c_ours = time.process_time() - c
     peak_boot = tracemalloc.get_traced_memory()[1]; tracemalloc.reset_peak()
-    t = time.perf_counter(); impute_means(s['y'], s['P'], s['pred'], s['lab_true'], s['lab_pred'], True, m=a.imputations); t_mi = time.perf_counter() - t
+    c = time.process_time(); t = time.perf_counter(); impute_means(s['y'], s['P'], s['pred'], s['lab_true'], s['lab_pred'], True, m=a.imputations); t_mi = time.perf_counter() - t; c_mi = time.process_time() - c
     peak_mi = tracemalloc.get_traced_memory()[1]; tracemalloc.stop()
     t = time.perf_counter(); base = baseline(s, a.baseline_reps); t_base = (time.perf_counter() - t) / a.baseline_reps * a.n_boot
     M = error_matrix(s['lab_true'], s['lab_pred'], 2)[0]
     assert np.allclose(pt['corrected'], corrected_means(s['y'], s['pred'], M)[0]) and np.allclose(pt['bounds_low'], bound_means(s['y'], s['pred'], M)[0])
-    print(f'bootstrap, all four estimators: ours {t_ours:.2f} s (tracemalloc peak {peak_boot / 2**20:.0f} MiB); '
+    print(f'bootstrap, all four estimators: ours {t_ours:.2f} s wall, {c_ours:.2f} s CPU (tracemalloc peak {peak_boot / 2**20:.0f} MiB); '
           f'baseline loop {t_base:.1f} s (timed on {a.baseline_reps} replicates, extrapolated): ratio {t_base / t_ours:.1f}x')
-    print(f'multiple imputation, {a.imputations} imputations: {t_mi:.2f} s (tracemalloc peak {peak_mi / 2**20:.0f} MiB)')
+    print(f'multiple imputation, {a.imputations} imputations: {t_mi:.2f} s wall, {c_mi:.2f} s CPU (tracemalloc peak {peak_mi / 2**20:.0f} MiB)')
     from mugshotrace.disparity.stage import disparity, DisparityConfig
     with tempfile.TemporaryDirectory() as d:
         d = Path(d); run = write_inputs(d, s, a.n_lab)
-        tracemalloc.start(); t = time.perf_counter()
+        tracemalloc.start(); t = time.perf_counter(); c = time.process_time()
         r = disparity(d/'bulk.csv', d/'out', DisparityConfig(n_boot=a.n_boot, imputations=a.imputations), outcomes=d/'cases.csv', audit=run, progress=False)
-        t_stage = time.perf_counter() - t; peak = tracemalloc.get_traced_memory()[1]; tracemalloc.stop()
+        t_stage = time.perf_counter() - t; c_stage = time.process_time() - c; peak = tracemalloc.get_traced_memory()[1]; tracemalloc.stop()
+    print(f'load average at the end {tuple(round(x, 2) for x in os.getloadavg())}')
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f'front door disparity(): 2 outcomes x 5 estimators in {t_stage:.1f} s; tracemalloc peak {peak / 2**20:.0f} MiB; process peak RSS {rss:.0f} MiB')
+    print(f'front door disparity(): 2 outcomes x 5 estimators in {t_stage:.1f} s wall, {c_stage:.1f} s CPU; tracemalloc peak {peak / 2**20:.0f} MiB; process peak RSS {rss:.0f} MiB')
 
 if __name__ == '__main__': main()
