@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     'label':      ('label images in bulk with a shareable model bundle', 'mugshotrace.bulk.label', 'add_label_parser'),
     'confound':   ('xGEMs confounding probe of a run, or every model of a study ranked by confounding net of its noise floor', 'mugshotrace.confounding.probe', 'add_confound_parser'),
     'status':     ('one table of every run of a study: state, SLURM job, epoch, heartbeat, time left', 'mugshotrace.study.status', 'add_status_parser'),
+    'disparity':  ('outcome disparities from bulk labels, with the audited error rates propagated', 'mugshotrace.disparity.stage', 'add_disparity_parser'),
     'report':     ('model cards and one self-contained HTML report per study', 'mugshotrace.report.html', 'add_report_parser'),
 }
 

@@ -308,3 +308,34 @@ def test_benchmark_carries_the_explicit_synthetic_marker(bench, tmp_path):
     fake = tmp_path/'fake'; (fake/'images').mkdir(parents=True)
     (fake/'truth.json').write_text((bench/'truth.json').read_text()); (fake/'labels.csv').write_text((bench/'labels.csv').read_text())
     assert not is_marked_synthetic(fake) and not write_study_record(tmp_path/'s2', 'x', fake/'labels.csv', fake, tmp_path/'f')['synthetic']
+
+# --- case outcomes and surnames (synth.outcomes) ---------------------------------------------------------------------
+
+def test_outcomes_leave_images_labels_and_truth_unchanged(tmp_path):
+    """Outcomes come from their own random streams: labels, votes and truth hash as before synth.outcomes existed, and
+    another outcome config changes cases.csv only (surnames depend on the seed alone)."""
+    import hashlib
+    from mugshotrace.synth.outcomes import OutcomeConfig, load_cases
+    cfg = SynthConfig(people=6, seed=5, width=64, height=80)
+    make_benchmark(tmp_path/'a', cfg, progress=False)
+    make_benchmark(tmp_path/'b', cfg, progress=False, outcomes=OutcomeConfig(detention=0.9, bail_log_mean={'BH': 5.0}))
+    h = hashlib.sha256()
+    for f in ('labels.csv', 'votes.csv', 'truth.json'): h.update(f.encode()); h.update((tmp_path/'a'/f).read_bytes())
+    assert h.hexdigest() == '74240649dc489a5d26fc0d89b38258c3e2e5dfcc69f467e3183f7ad947e3be87'   # made by the code before this change
+    files = ['labels.csv', 'votes.csv', 'truth.json'] + sorted(p.relative_to(tmp_path/'a').as_posix() for p in (tmp_path/'a'/'images').glob('*.jpg'))
+    for f in files: assert (tmp_path/'a'/f).read_bytes() == (tmp_path/'b'/f).read_bytes(), f
+    (ca, ta), (cb, tb) = load_cases(tmp_path/'a'), load_cases(tmp_path/'b')
+    assert ca.surname.tolist() == cb.surname.tolist() and ca.image_id.tolist() == load_truth(tmp_path/'a').image_id.tolist()
+    assert tb['config']['detention']['WnH'] == 0.9 and ta['config']['detention']['WnH'] == 0.25
+
+def test_outcome_effects_recovered_and_recorded():
+    "Large population: the injected detention rates and log-bail means come back per subgroup, within 4 standard errors."
+    from mugshotrace.synth.outcomes import OutcomeConfig, simulate_cases, case_truth
+    cfg = SynthConfig(people=8000, seed=3, shares={g: .25 for g in SUBGROUPS}, bookings=(1.0,))
+    plan = plan_benchmark(cfg); oc = OutcomeConfig()
+    c = simulate_cases(plan, cfg.seed, oc); t = case_truth(c, plan, oc)
+    for g in SUBGROUPS:
+        sel = plan.group.to_numpy() == g; p = oc.detention[g]
+        assert abs(c.detained[sel].mean() - p) < 4 * np.sqrt(p * (1 - p) / sel.sum())
+        assert abs(np.log(c.bail[sel]).mean() - oc.bail_log_mean[g]) < 4 * oc.bail_log_sd / np.sqrt(sel.sum())
+        assert abs(t['realised_means']['group']['detained'][g] - c.detained[sel].mean()) < 1e-6

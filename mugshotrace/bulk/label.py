@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from ..core import UserError, write_csv, write_json, read_json, atomic_write, stable_hash
 from ..config import add_config_arguments, config_from_args, add_common_arguments, ResultMixin
-from ..labels.agreement import cohen_kappa_ci
+from ..labels.agreement import cohen_kappa_ci, phi_coefficient
 from .labeler import Labeler, list_images, temperature_from_predictions
 
 # %% auto #0
@@ -149,7 +149,7 @@ def label_agreement(preds, # the bulk-label CSV or DataFrame
                     label_col:str='label', id_col:str='image_id',
                     group_col:str|None=None # subgroup column in `labels` for the per-group confusion
                    )->tuple[dict, pd.DataFrame]:
-    "Agreement summary (Pearson r per class with CI, kappa with CI, accuracy, n) and the tidy per-group confusion."
+    "Agreement summary (Pearson r of probabilities, phi of hard labels — the seed's r —, kappa, with CIs; accuracy, n) and the per-group confusion."
     from scipy.stats import pearsonr
     j = _joined(preds, labels, id_col, label_col, group_col)
     j = j[(j.status == 'ok') & j[label_col].isin(list(classes))]
@@ -164,6 +164,10 @@ def label_agreement(preds, # the bulk-label CSV or DataFrame
     res['pearson'] = rs
     if rs: res['pearson_r'] = float(np.mean([v['r'] for v in rs.values()]))
     k, lo, hi = cohen_kappa_ci(j.Prediction, j[label_col]); res['kappa'] = {'value': k, 'ci_low': lo, 'ci_high': hi}
+    # the seed's r (0.8143): Pearson's r of the 0/1 hard labels, i.e. phi, per class (one number for two classes)
+    res['phi'] = {c: phi_coefficient(j.Prediction, j[label_col], c) for c in classes}
+    ph = [v['phi'] for v in res['phi'].values() if v['phi'] == v['phi']]
+    if ph: res['phi_r'] = float(np.mean(ph))
     g = j[group_col] if group_col and group_col in j else pd.Series('all', index=j.index)
     conf = (j.assign(group=g).groupby(['group', label_col, 'Prediction']).size().rename('n').reset_index()
              .rename(columns={label_col: 'label', 'Prediction': 'prediction'}))
@@ -210,6 +214,7 @@ class BulkResult(ResultMixin):
     out:Path; n:int; n_new:int; status_counts:dict; temperature:float; inputs_hash:str
     agreement:Path|None=None; confusion:Path|None=None; coverage:Path|None=None
     kappa:float|None=None; pearson_r:float|None=None
+    phi:float|None=None # Pearson r of the 0/1 hard labels (phi): the seed's r = 0.8143 by its definition
 
 # %% ../../nbs/api/50_bulk.label.ipynb #5f5d26c3
 def label_and_compare(model, # a bundle folder, or a `Labeler`
@@ -254,7 +259,8 @@ def label(source, # a model bundle folder, a run folder or `Run` (its bundle), o
     side = (lambda x: o.parent/f'{o.name}.{x}') if a is not None else (lambda x: None)
     return BulkResult(out=o, n=s['n'], n_new=s['n_new'], status_counts=s['status_counts'], temperature=float(lab.T),
                       inputs_hash=s['inputs_hash'], agreement=side('agreement.json'), confusion=side('confusion.csv'),
-                      coverage=side('coverage.csv'), kappa=a['kappa']['value'] if a else None, pearson_r=a.get('pearson_r') if a else None)
+                      coverage=side('coverage.csv'), kappa=a['kappa']['value'] if a else None, pearson_r=a.get('pearson_r') if a else None,
+                      phi=a.get('phi_r') if a else None)
 
 # %% ../../nbs/api/50_bulk.label.ipynb #df593196
 def _label_cmd(a)->int:
@@ -262,7 +268,7 @@ def _label_cmd(a)->int:
     print(f"labelled {r.n} images -> {r.out} ({', '.join(f'{k}: {v}' for k, v in r.status_counts.items())}; T = {r.temperature:.3f})")
     if a.labels:
         res, cov = read_json(r.agreement), pd.read_csv(r.coverage)
-        print(f"agreement with {a.label_col} on {res['n']} images: r = {res.get('pearson_r', float('nan')):.4f}, "
+        print(f"agreement with {a.label_col} on {res['n']} images: r (probabilities) = {res.get('pearson_r', float('nan')):.4f}, phi (0/1 labels; the seed's r) = {res.get('phi_r', float('nan')):.4f}, "
               f"kappa = {res['kappa']['value']:.4f}; filled at p>=0.9: {int(cov.set_index('threshold').n_filled.get(0.9, 0))}")
     return 0
 

@@ -18,7 +18,7 @@ from .tables import label_column, _check_votes
 # %% auto #0
 __all__ = ['vote_counts', 'fleiss_kappa', 'fleiss_kappa_ci', 'krippendorff_alpha', 'cohen_kappa', 'cohen_kappa_ci',
            'source_agreement', 'source_confusion', 'rater_agreement', 'label_quality', 'flip_matrix',
-           'expected_fleiss_kappa', 'expected_cohen_kappa', 'majority_accuracy']
+           'expected_fleiss_kappa', 'expected_cohen_kappa', 'majority_accuracy', 'phi_coefficient']
 
 # %% ../../nbs/api/16_labels.agreement.ipynb #50948e58
 def vote_counts(votes:pd.DataFrame, # long votes
@@ -203,3 +203,15 @@ def majority_accuracy(m:int, error:float)->float:
     from scipy.stats import binom
     k = np.arange(m + 1); p = binom.pmf(k, m, 1 - error)
     return float(p[k > m / 2].sum() + (0.5 * p[k == m / 2].sum() if m % 2 == 0 else 0))
+
+# %% ../../nbs/api/16_labels.agreement.ipynb #5f8d3926
+def phi_coefficient(pred, ref, # two label vectors (pairs with a missing value are dropped)
+                    positive, # the class coded 1
+                    alpha:float=0.05)->dict:
+    "Pearson correlation of the 0/1 indicators `pred == positive` and `ref == positive` (phi), with its interval."
+    from scipy.stats import pearsonr
+    d = pd.DataFrame({'a': list(pred), 'b': list(ref)}).dropna()
+    x, y = (d.a == positive).to_numpy(float), (d.b == positive).to_numpy(float)
+    if len(d) < 3 or x.std() == 0 or y.std() == 0: return {'phi': float('nan'), 'ci_low': float('nan'), 'ci_high': float('nan'), 'n': len(d)}
+    r = pearsonr(x, y); ci = r.confidence_interval(1 - alpha)
+    return {'phi': float(r.statistic), 'ci_low': float(ci.low), 'ci_high': float(ci.high), 'n': len(d)}

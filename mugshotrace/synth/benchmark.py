@@ -18,6 +18,7 @@ from ..core import (UserError, write_bytes, write_csv, write_json, read_json, st
                               start_process_pool_server, mark_synthetic, is_marked_synthetic, sample_face_photos)
 from ..config import add_config_arguments, add_common_arguments, ResultMixin, config_from_args as _config_from_args
 from ..vocab import SUBGROUPS, SUBGROUP_ATTRS
+from .outcomes import OutcomeConfig, write_outcomes
 from .render import (IDENTITY_PARAMS, BACKDROP, render_face, encode_jpeg, source_faces,
                                       install_source_faces)
 
@@ -196,9 +197,10 @@ def _progress(it, total, show, desc):
 def make_benchmark(out, # output folder (created)
                    cfg:SynthConfig|None=None, # the generation parameters (default: `SynthConfig()`)
                    workers:int=1, # processes rendering images (output bytes do not depend on it)
-                   progress:bool=True # show a tqdm progress bar
+                   progress:bool=True, # show a tqdm progress bar
+                   outcomes:OutcomeConfig|None=None # case outcomes and surnames (`synth.outcomes`; default `OutcomeConfig()`)
                   )->Path:
-    "Write the benchmark (`images/`, `labels.csv`, `votes.csv`, `truth.json`) into `out` and return `out`."
+    "Write the benchmark (`images/`, `labels.csv`, `votes.csv`, `truth.json`, `cases.csv`, `outcomes_truth.json`) into `out`."
     cfg, out = cfg or SynthConfig(), Path(out)
     h, marker = stable_hash(cfg.to_dict()), out/'.synth.json'
     if marker.exists() and read_json(marker).get('config_hash') != h:
@@ -228,6 +230,7 @@ def make_benchmark(out, # output folder (created)
                                      'person_id': r.person_id, 'booking': r.booking, 'source': r.source, 'render': r.render}
                         for r in plan.itertuples(index=False)}}
     write_json(out/'truth.json', truth)
+    write_outcomes(out, outcomes)   # own random streams: images, labels and truth do not change
     from mugshotrace import __version__
     for d in (out, out/'images'):   # the explicit marker: only what synth made counts as synthetic (core.study_is_synthetic)
         mark_synthetic(d, config_hash=h, mugshotrace_version=__version__)
