@@ -42,8 +42,8 @@ def test_readme_has_the_two_commands_ci_runs():
 
 
 def test_unknown_subcommand_with_help_is_named_and_exit_2():
-    "`mugshotrace disparity --help` used to print the main help and exit 0."
-    for args in (['disparity', '--help'], ['frobnicate'], ['--help', 'frobnicate']):
+    "An unknown subcommand with `--help` (e.g. `mugshotrace sentence --help`) used to print the main help and exit 0."
+    for args in (['sentence', '--help'], ['frobnicate'], ['--help', 'frobnicate']):
         r = run(*args)
         assert r.returncode == 2, (args, r.returncode, r.stdout)
         assert f"unknown subcommand '{[a for a in args if not a.startswith('-')][0]}'" in r.stderr
