@@ -242,8 +242,7 @@ def train_and_evaluate(cfg:RunConfig, data:StudyData, paths:RunPaths, force_resu
     write_json(paths.root/'sample.json', sample.to_dict())
     items = D.items_from(man, L.task_labels(table, task), sample.train + sample.valid, sample.valid)
     dls = D.face_dataloaders(items, size, spec.mean, spec.std, bs=cfg.bs, aug=cfg.aug, seed=cfg.seed,
-                             weighted=cfg.weighted, classes=list(task.classes),
-                             cache_dir=Path(data.preprocessed)/'.cache')   # decode once; batches bit-identical (train.cache)
+                             weighted=cfg.weighted, classes=list(task.classes))
     learn = face_learner(dls, spec, init=cfg.init, seed=cfg.seed, path=paths.root, model_dir='.models')   # lr_find's scratch
     seed_everything(cfg.seed)
     used = train_learner(learn, cfg, log_path=paths.log, checkpoint=paths.root/'.checkpoint', force_resume=force_resume,
