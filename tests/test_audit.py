@@ -217,7 +217,7 @@ def test_cli_writes_everything_and_resumes(tmp_path):
     assert _cli(['audit', str(tmp_path/'study'), '--out', str(out), '--n-boot', '50', '--seed', '1']) == 0
     t = pd.read_csv(out/'audit.csv')
     assert list(t.columns[:14]) == AUDIT_COLUMNS and t.run_id.nunique() == 8
-    for f in ('runs.csv', 'summary_top.csv', 'summary_means.csv', 'summary_differences.csv', 'design_factors.csv',
+    for f in ('runs.csv', 'study/court/extremes.csv', 'study/student/top_means.csv', 'study/court/posthoc.csv', 'design_factors.csv',
               'flip_rates.csv', 'figures/heatmap_accuracy_race.png', 'figures/calibration_race.png'):
         assert (out/f).exists(), f
     reg = registered_figures(out/'figures')                                 # registered as figures of numbers: no face
@@ -346,8 +346,8 @@ def test_missing_group_values_through_the_whole_audit(tmp_path):
     assert not t[t.metric.str.startswith('gap:')].group.str.contains(MISSING_LEVEL, regex=False).any()
     fl = pd.read_csv(out/'flip_rates.csv', keep_default_na=False, na_values=[''])
     assert (fl.group == MISSING_LEVEL).any() and not fl[fl.metric.str.startswith('gap:')].group.str.contains(MISSING_LEVEL, regex=False).any()
-    diff = pd.read_csv(out/'summary_differences.csv')
-    assert not diff.group.str.contains(MISSING_LEVEL, regex=False).any()
+    cases = pd.read_csv(out/'study'/'court'/'cases.csv')
+    assert len(cases) and MISSING_LEVEL not in set(cases.race)
 
 
 MALFORMED = {
