@@ -466,3 +466,18 @@ def test_front_door_result_and_stage_cache(tmp_path):
     write_csv(r.out/'drop_rates.csv', pd.DataFrame({'x': [1]}))          # a stale output of an earlier setting
     assert not audit(tmp_path/'s', cfg=AuditConfig(n_boot=0, figures=False, seed=1), progress=False).reused
     assert not (r.out/'drop_rates.csv').exists()                          # removed when the settings changed
+
+
+def test_invert_reaches_the_runs_table_and_the_cell_count_factor_model(tmp_path):
+    "A run trained/tested upside down (config `invert`) is a design axis of `AuditFrame.runs`; the factor model finds its effect."
+    import json
+    fabricate_runs(tmp_path, archs=('tiny_cnn',), variants=('resized', 'openface'), label_sources=('court',),
+                   n_per_group={'BH': 150, 'BnH': 150, 'WH': 150, 'WnH': 150},
+                   bias=lambda c: {'accuracy': .6} if c['variant'] == 'openface' else {'accuracy': .9})
+    cfg = tmp_path/'runs'/'tiny_cnn-openface-court'/'config.json'
+    c = json.loads(cfg.read_text()); c['invert'] = 'test'; cfg.write_text(json.dumps(c))
+    af = audit_runs(tmp_path, n_boot=0)
+    assert dict(zip(af.runs.run_id, af.runs.invert)) == {'tiny_cnn-openface-court': 'test', 'tiny_cnn-resized-court': 'none'}
+    eff = design_factor_effects(af, factors=('invert',))       # no outcomes: the cell-count path
+    e = eff[(eff.factor == 'invert') & (eff.term == 'effect')]
+    assert len(e) == 2 and set(e.level) == {'test'} and (e.ci_high < 0).all()   # inverted: less often correct, for both races
