@@ -190,3 +190,21 @@ def test_no_bias_claims_at_most_nominal_slow():
     reps = 400; g, e, a = _null_rates(reps, seed0=1000); se = np.sqrt(.05 * .95 / reps)
     print(f'null claim rates over {reps} audits: error gaps {g:.3f}, extremes {e:.3f}, either {a:.3f} (MC SE at 5 %: {se:.3f})')
     assert g <= .05 + 2 * se and e <= .05 + 2 * se, (g, e, a)
+
+
+def test_confounding_ranking_and_metric_column_in_the_report(tmp_path):
+    "The ranking of `mugshotrace confound STUDY` leads the confounding findings; per-run tables keep their metric column."
+    from mugshotrace.report.cards import example_study
+    root = example_study(tmp_path / 'study', runs=('r1', 'r2'))
+    (root / 'runs' / 'r1' / 'confounding').mkdir(parents=True)
+    pd.DataFrame({'target_label': 'all', 'group': 'all', 'metric': ['confounding', 'reconstruction_flip', 'oracle_error'],
+                  'value': [.4, .1, .05], 'ci_low': [.3, .05, .02], 'ci_high': [.5, .15, .08], 'n': 100}).to_csv(
+        root / 'runs' / 'r1' / 'confounding' / 'confounding.csv', index=False)
+    (root / 'confound').mkdir()
+    pd.DataFrame({'run_id': ['r1', 'r2'], 'arch': 'tiny_cnn', 'variant': 'openface', 'label_source': 'court', 'metric': 'confounding',
+                  'value': [.4, .9], 'ci_low': [.3, .2], 'ci_high': [.5, 1.], 'noise_floor': .1, 'noise_ci_low': .05, 'noise_ci_high': .15,
+                  'net': [.3, .8], 'net_ci_low': [.18, -.1], 'net_ci_high': [.42, 1.], 'rank': [1, 2], 'n_images': [400, 8],
+                  'verdict': ['ok', 'too_small'], 'note': ['', 'reconstructions poor']}).to_csv(root / 'confound' / 'confounding_ranking.csv', index=False)
+    h = study_report(root).read_text(); fnd, conf = _section(h, 'findings'), _section(h, 'confounding')
+    assert 'Confounded model #1: r1' in fnd and 'too small to measure 1 model' in fnd and '0.900' not in fnd
+    assert '<th>metric</th>' in conf and 'reconstruction_flip' in conf and 'oracle_error' in conf and 'confounding_ranking.csv' in conf
