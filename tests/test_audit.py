@@ -217,7 +217,7 @@ def test_cli_writes_everything_and_resumes(tmp_path):
     assert _cli(['audit', str(tmp_path/'study'), '--out', str(out), '--n-boot', '50', '--seed', '1']) == 0
     t = pd.read_csv(out/'audit.csv')
     assert list(t.columns[:14]) == AUDIT_COLUMNS and t.run_id.nunique() == 8
-    for f in ('runs.csv', 'summary_top.csv', 'summary_means.csv', 'summary_differences.csv', 'design_factors.csv',
+    for f in ('runs.csv', 'study/court/extremes.csv', 'study/student/top_means.csv', 'study/court/posthoc.csv', 'design_factors.csv',
               'flip_rates.csv', 'figures/heatmap_accuracy_race.png', 'figures/calibration_race.png'):
         assert (out/f).exists(), f
     reg = registered_figures(out/'figures')                                 # registered as figures of numbers: no face
@@ -346,8 +346,8 @@ def test_missing_group_values_through_the_whole_audit(tmp_path):
     assert not t[t.metric.str.startswith('gap:')].group.str.contains(MISSING_LEVEL, regex=False).any()
     fl = pd.read_csv(out/'flip_rates.csv', keep_default_na=False, na_values=[''])
     assert (fl.group == MISSING_LEVEL).any() and not fl[fl.metric.str.startswith('gap:')].group.str.contains(MISSING_LEVEL, regex=False).any()
-    diff = pd.read_csv(out/'summary_differences.csv')
-    assert not diff.group.str.contains(MISSING_LEVEL, regex=False).any()
+    cases = pd.read_csv(out/'study'/'court'/'cases.csv')
+    assert len(cases) and MISSING_LEVEL not in set(cases.race)
 
 
 MALFORMED = {
@@ -466,3 +466,18 @@ def test_front_door_result_and_stage_cache(tmp_path):
     write_csv(r.out/'drop_rates.csv', pd.DataFrame({'x': [1]}))          # a stale output of an earlier setting
     assert not audit(tmp_path/'s', cfg=AuditConfig(n_boot=0, figures=False, seed=1), progress=False).reused
     assert not (r.out/'drop_rates.csv').exists()                          # removed when the settings changed
+
+
+def test_invert_reaches_the_runs_table_and_the_cell_count_factor_model(tmp_path):
+    "A run trained/tested upside down (config `invert`) is a design axis of `AuditFrame.runs`; the factor model finds its effect."
+    import json
+    fabricate_runs(tmp_path, archs=('tiny_cnn',), variants=('resized', 'openface'), label_sources=('court',),
+                   n_per_group={'BH': 150, 'BnH': 150, 'WH': 150, 'WnH': 150},
+                   bias=lambda c: {'accuracy': .6} if c['variant'] == 'openface' else {'accuracy': .9})
+    cfg = tmp_path/'runs'/'tiny_cnn-openface-court'/'config.json'
+    c = json.loads(cfg.read_text()); c['invert'] = 'test'; cfg.write_text(json.dumps(c))
+    af = audit_runs(tmp_path, n_boot=0)
+    assert dict(zip(af.runs.run_id, af.runs.invert)) == {'tiny_cnn-openface-court': 'test', 'tiny_cnn-resized-court': 'none'}
+    eff = design_factor_effects(af, factors=('invert',))       # no outcomes: the cell-count path
+    e = eff[(eff.factor == 'invert') & (eff.term == 'effect')]
+    assert len(e) == 2 and set(e.level) == {'test'} and (e.ci_high < 0).all()   # inverted: less often correct, for both races

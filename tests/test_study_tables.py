@@ -97,5 +97,6 @@ def test_selection_aware_coverage_fast():
 def test_selection_aware_coverage_slow():
     # 3000 replicates: Monte-Carlo SE 0.4 points; within 2 points of 95 %
     sel, naive = _coverage(3000, seed=1)
+    print('selection-aware coverage (most B, W, B−W; least B, W, B−W):', np.round(sel, 4), 'naive:', np.round(naive, 4))
     assert (np.abs(sel - .95) <= .02).all(), sel
     assert naive[0] < .5 and naive[2] < .8, naive
