@@ -20,7 +20,8 @@ from ..audit.study import study_tables, split_by_source
 
 # %% auto #0
 __all__ = ['TABLE_NAMES', 'load_study_tables', 'Finding', 'gap_findings', 'extremes_findings', 'impactful_findings',
-           'design_findings', 'confounding_findings', 'label_findings', 'findings_html', 'display_tables']
+           'design_findings', 'confounding_findings', 'label_findings', 'findings_html', 'study_findings',
+           'display_tables']
 
 # %% ../../nbs/api/62_report.findings.ipynb #208c2cd0
 TABLE_NAMES = ('extremes', 'top_means', 'design', 'design_wide', 'impactful', 'impactful_summary', 'balance', 'posthoc', 'cases')
@@ -188,6 +189,25 @@ def findings_html(items:list[Finding])->str:
     e = html.escape
     return "<ol class='findings'>" + ''.join(
         f"<li{' class=claim' if f.claim else ''}>{e(f.text)} <a href='#{e(f.anchor)}'>(table)</a></li>" for f in items) + '</ol>'
+
+# %% ../../nbs/api/62_report.findings.ipynb #65ecad62
+def study_findings(audit:pd.DataFrame, # the audit table
+                   per:dict[str, dict[str, pd.DataFrame]], # `load_study_tables`
+                   design:pd.DataFrame|None=None, ranking:pd.DataFrame|None=None, confounding:pd.DataFrame|None=None,
+                   agreement:pd.DataFrame|None=None, bulk:pd.DataFrame|None=None,
+                   alpha:float=0.05 # the level of the whole section: the chance that a study with no difference gets any claim
+                  )->list[Finding]:
+    "The findings section: every kind of claim read at alpha / (kinds of claim present) (Bonferroni), so the section as a whole holds alpha."
+    kinds = [k for k, has in (('error gaps', len(audit) and 'q_value' in audit and audit.metric.astype(str).str.startswith('gap:').any()),
+                               ('extremes', any(t.get('top_means') is not None and len(t['top_means']) for t in per.values())),
+                               ('design', design is not None and len(design) and 'term' in design)) if has]
+    a = alpha / max(len(kinds), 1)
+    lead = [Finding('method', f'A difference is claimed (bold) only when it survives its own correction at level {a:.3g}: the '
+                    f'{len(kinds)} kinds of claim below ({", ".join(kinds) or "none"}) share α = {alpha:g} (Bonferroni), so a study '
+                    f'with no real difference gets any claim at most {alpha:.0%} of the time. The tables keep their own q-values.', 'tests')]
+    return (lead + gap_findings(audit, a) + extremes_findings(per, a) + impactful_findings(per) + design_findings(design, a)
+            + confounding_findings(ranking, confounding) + label_findings(agreement, bulk))
+
 
 # %% ../../nbs/api/62_report.findings.ipynb #7f17f64e
 def _c(v, lo, hi, pct:bool=True)->str:

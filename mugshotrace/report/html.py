@@ -247,8 +247,8 @@ def _write_report(run_dir, out, cfg:ReportConfig, synthetic:bool|None, private:b
     ranking = pd.read_csv(rank_f) if rank_f else None
     agree_files = [f for f in sorted(root.rglob('*.agreement.json')) if 'cache' not in f.parts]
     bulk = bulk_label_tables(agree_files) if agree_files else None
-    items = (F.gap_findings(audit) + F.extremes_findings(per) + F.impactful_findings(per) + F.design_findings(pd.read_csv(csvs['design_factors'][0]) if csvs['design_factors'] else None)
-             + F.confounding_findings(ranking, conf) + F.label_findings(agree, bulk[0] if bulk else None))
+    items = F.study_findings(audit, per, pd.read_csv(csvs['design_factors'][0]) if csvs['design_factors'] else None,
+                             ranking, conf, agree, bulk[0] if bulk else None)
     sec = [('findings', 'Findings', F.findings_html(items) + "<p class='note'>Generated from the tables below; each sentence links to its "
             'table. A difference is stated as a finding (bold) only when it survives the correction that applies to it.</p>')]
     for src, tabs in per.items():
