@@ -230,3 +230,19 @@ def test_face_surname_combined_on_a_larger_benchmark(tmp_path):
         d['abs_error'] = (d.estimate - d.truth).abs(); d['covers'] = (d.ci_low <= d.truth) & (d.truth <= d.ci_high)
         print('BENCH', attribute, json.dumps(_sources_vs_truth(tmp_path/'b', inp, attribute)))
         print(d[['source', 'outcome', 'estimator', 'estimate', 'ci_low', 'ci_high', 'bound_low', 'bound_high', 'truth', 'abs_error', 'covers']].round(4).to_string())
+
+
+def test_report_section_and_model_card_note(bench, inputs):
+    "The study report shows the disparity section; the card of the model that made the labels carries the note (matched by hash)."
+    from mugshotrace.audit.selfaudit import audit
+    from mugshotrace.audit.frame import AuditConfig
+    from mugshotrace.report.html import study_report
+    root = bench/'in'
+    disparity(inputs['bulk'], root/'disparity', FAST, outcomes=bench/'b'/'cases.csv', audit=inputs['run'], progress=False)
+    audit(root, root/'audit', AuditConfig(n_boot=50), progress=False)
+    h = study_report(root, synthetic=True).read_text()
+    assert "id='disparity-0'" in h or 'id="disparity-0"' in h, h[:2000]
+    assert 'Outcome disparities from the labels' in h and 'corrected' in h
+    card = json.loads((inputs['run']/'model_card.json').read_text())
+    notes = [t['description'] for t in card['considerations']['tradeoffs'] if t['description'].startswith('Outcome disparities estimated')]
+    assert len(notes) == 1 and '(corrected)' in notes[0] and '[' in notes[0], notes

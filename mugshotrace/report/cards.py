@@ -113,7 +113,8 @@ def model_card(run, # a run folder or `Run` (its config and, when bundled, its m
                confounding:pd.DataFrame|None=None, # confounding tables (rows of this run are summarised)
                owner:str='mugshotrace study', version:str|None=None,
                agreement:pd.DataFrame|None=None, # label-source agreement (`report.datafacts.label_agreement`)
-               drops:pd.DataFrame|None=None # preprocessing drop rates per variant and group (`report.datafacts.drop_rates_table`)
+               drops:pd.DataFrame|None=None, # preprocessing drop rates per variant and group (`report.datafacts.drop_rates_table`)
+               disparity:list|None=None # notes of disparity analyses (`disparity.report.disparity_card_note`); this model's are shown
               )->dict:
     "A Model Card Toolkit JSON card for one run."
     run = _run(run); cfg, meta = run.config, run.raw_model_meta() or {}
@@ -154,6 +155,10 @@ def model_card(run, # a run folder or `Run` (its config and, when bundled, its m
         if len(tot): trade.append({'description': f'xGEM confounding probe: {float(tot.value.iloc[0]):.3f} of counterfactuals change the '
                                    f'protected attribute [{float(tot.ci_low.iloc[0]):.3f}, {float(tot.ci_high.iloc[0]):.3f}].'})
     trade += interpretation_notes(run.path)
+    for d in [d for d in disparity or [] if d.get('model_sha256') and d['model_sha256'] == meta.get('weights_sha256')]:
+        est = '; '.join(f"{x['outcome']} {x['group']} ({x['estimator']}): " + (f"{x['estimate']:.3f} [{x['ci_low']:.3f}, {x['ci_high']:.3f}]"
+                        if x.get('estimate') is not None else f"bounds [{x['bound_low']:.3f}, {x['bound_high']:.3f}]") for x in d['estimates'])
+        trade.append({'description': f"{d['title']}: {d['text']} {est}." + ''.join(' Warning: ' + w for w in d['warnings'])})
     acc = a[(a.metric == 'accuracy') & (a.group.astype(str) != 'all')]
     if len(acc):
         lo, hi = acc.loc[acc.value.idxmin()], acc.loc[acc.value.idxmax()]
@@ -164,7 +169,7 @@ def model_card(run, # a run folder or `Run` (its config and, when bundled, its m
             'name': f'{arch} · {variant} · {src} · {task} ({rid})',
             'overview': f'A {arch} CNN classifying {task} ({", ".join(map(str, classes))}) from {variant} face images, trained on {src} labels.',
             'documentation': ' '.join(['Built with mugshotrace (fastai + timm); initialisation: ' + str(cfg.get('init', meta.get('init', '?'))) + '.']
-                + ([f'Input {meta["input_size"]} px, normalisation mean {meta.get("mean")} std {meta.get("std")}; weights model.safetensors '
+                + ([f'Input {meta.get("input_size", "?")} px, normalisation mean {meta.get("mean")} std {meta.get("std")}; weights model.safetensors '
                     f'(sha256 {meta.get("weights_sha256", "?")}), loadable without pickle.'] if meta else ['No model.json in the run folder: weights not bundled.'])
                 + ['Intervals as computed by the audit (Wilson/Clopper-Pearson for proportions, stratified bootstrap otherwise);'
                    ' a `gap:<metric>` slice is the difference between the two groups it names.']),

@@ -21,6 +21,7 @@ from ..study.folder import Study, find_runs
 from .cards import load_audit, load_confounding, write_model_card, datasheet_markdown, CARD_CSS
 from .datafacts import label_agreement, drop_rates_table
 from . import findings as F
+from ..disparity.report import disparity_report_html, disparity_card_note
 
 # %% auto #0
 __all__ = ['FIGURE_SUFFIXES', 'STAGE_TABLES', 'REPORT_CSS', 'is_synthetic_study', 'report_figures', 'png_data_uri', 'caterpillar',
@@ -223,10 +224,11 @@ def _write_report(run_dir, out, cfg:ReportConfig, synthetic:bool|None, private:b
     e, rel = html.escape, (lambda p: os.path.relpath(Path(p).resolve(), out.parent.resolve()).replace(os.sep, '/'))
     labels, manifests = _study_data(root, cfg.labels, cfg.faces)
     agree, drops = label_agreement(labels), drop_rates_table(manifests, labels)
-    cards = {}
+    cards, dis = {}, [f.parent for f in sorted(root.rglob('disparity.json')) if 'cache' not in f.parts and (f.parent/'disparity.csv').exists()]
     for r in runs:
         if (audit.run_id.astype(str) == r.run_id).any():
-            cards[r.run_id] = write_model_card(r, audit, conf, private=private, agreement=agree, drops=drops)
+            cards[r.run_id] = write_model_card(r, audit, conf, private=private, agreement=agree, drops=drops,
+                                              disparity=[disparity_card_note(d) for d in dis])
     ds = write_text(out.parent/'datasheet.md', datasheet_markdown(labels, manifests, name=title or root.name, agreement=agree,
                                                                   drops=drops), private=private)
     rows = []
@@ -284,6 +286,7 @@ def _write_report(run_dir, out, cfg:ReportConfig, synthetic:bool|None, private:b
             ch += ('<h3>Per-run probe tables: value [95% interval] per metric</h3>'
                    + _table_html(cc[[c for c in ('run_id', 'target_label', 'group', 'metric', 'confounding', 'n') if c in cc]]))
         sec.append(('confounding', 'Confounding probe (xGEMs): how often counterfactuals flip the protected attribute', ch))
+    for k, d in enumerate(dis): sec.append((f'disparity-{k}', f'Outcome disparities ({rel(d)})', disparity_report_html(d)))
     extra = ''.join(_details(rel(f), pd.read_csv(f).round(4), 500, f, rel, anchor=n.replace('_', '-') if k == 0 else None)
                     for n, fs in csvs.items() for k, f in enumerate(fs[:8]))
     if extra: sec.append(('stages', 'Other results of the audit, interpretation and confounding stages (open each; large tables are linked)', extra))
