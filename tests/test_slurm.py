@@ -54,6 +54,11 @@ def _run_seconds(info:str)->int:
     d, h, m, s = re.search(r'RunTime=(?:(\d+)-)?(\d+):(\d+):(\d+)', info).groups()
     return ((int(d or 0) * 24 + int(h)) * 60 + int(m)) * 60 + int(s)
 
+def _alive(pid)->bool:
+    try: os.kill(pid, 0); return True
+    except ProcessLookupError: return False
+    except PermissionError: return True
+
 def _restarts(job_id)->int: return job_exit_info(job_id).get('restarts', 0)
 
 def _same_results(a, b):
@@ -142,13 +147,16 @@ def test_requeue_time_limit_and_failures(grid):
         assert time.time() - t0 < 600 and th.is_alive(), 'the array did not progress'
         seen_status |= {r['state'] for r in status(runs).runs}
         if 'a' in todo and _epochs_done(runs/a) >= 1:
-            ja = job(a); assert _sh('scontrol', 'requeue', ja).returncode == 0
-            _wait(lambda: _restarts(ja) >= 1, 60, what='A requeued'); (runs/a/PAUSE_FILE).unlink(); todo.discard('a')
+            ja = job(a); pa = read_state(runs, a)['pid']; assert _sh('scontrol', 'requeue', ja).returncode == 0
+            # the old task lives on until SLURM kills it (submitit ignores the SIGTERM; KillWait later, SIGKILL): unpaused
+            # before that, it could finish its epochs in the old allocation and the requeue would test nothing
+            _wait(lambda: _restarts(ja) >= 1 and not _alive(pa), 60, what='A requeued and its old task gone')
+            (runs/a/PAUSE_FILE).unlink(); todo.discard('a')
         if 'b' in todo and _epochs_done(runs/b) >= 1:
-            jb = job(b); run_s = _run_seconds(_sh('scontrol', 'show', 'job', '-o', jb).stdout)
+            jb = job(b); pb = read_state(runs, b)['pid']; run_s = _run_seconds(_sh('scontrol', 'show', 'job', '-o', jb).stdout)
             limit = -(-run_s // 60) + 1   # minutes: 1-2 min left, within the 120 s signal delay, so SLURM signals at its next check
             assert _sh('scontrol', 'update', f'JobId={jb}', f'TimeLimit={limit}').returncode == 0
-            _wait(lambda: _restarts(jb) >= 1, 120, what='B signalled and requeued by submitit')
+            _wait(lambda: _restarts(jb) >= 1 and not _alive(pb), 120, what='B signalled, requeued by submitit, old task gone')
             _sh('scontrol', 'update', f'JobId={jb}', 'TimeLimit=10')   # the next allocation gets the study's limit again
             (runs/b/PAUSE_FILE).unlink(); todo.discard('b')
         if 'd' in todo and _epochs_done(runs/d) >= 1:

@@ -2,8 +2,9 @@
 # A single-node SLURM cluster on this machine, for the tests of the grid's SLURM path (and for trying it by hand).
 #
 #   tools/slurm_local.sh start    install slurm-wlm + munge when missing (apt, as root), write a minimal slurm.conf,
-#                                 start munged, slurmctld and slurmd, wait until the node is idle
-#   tools/slurm_local.sh stop     stop the three daemons by their pid files
+#                                 start munged, (accounting: MariaDB, slurmdbd), slurmctld and slurmd, wait until the
+#                                 node is idle; prints how many seconds it took
+#   tools/slurm_local.sh stop     stop the daemons (and slurmdbd, MariaDB) by their pid files
 #   tools/slurm_local.sh status   exit 0 when the cluster answers and the node is up; prints `SLURM_CONF=...`
 #   tools/slurm_local.sh env      print `export SLURM_CONF=...` (source it to use sbatch/squeue/sinfo by hand)
 #
@@ -33,7 +34,7 @@ CLUSTER=mugshotrace-local
 MUNGE_RUN=${MUGSHOTRACE_MUNGE_RUN:-/run/munge}
 PORT=${MUGSHOTRACE_SLURM_PORT:-6817}
 DB=$STATE/db
-ACCT_FILE=$STATE/accounting   # "1", or "0 <why>": what the last start gave
+ACCT_FILE=$STATE/accounting   # "1" or "0 ...": whether the last start got accounting
 
 say() { echo "slurm_local: $*" >&2; }
 
@@ -100,7 +101,7 @@ PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscr
 EOF
 }
 
-pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1" 2>/dev/null)" 2>/dev/null; }
 
 start_munge() {
   if [ -S "$MUNGE_RUN/munge.socket.2" ] && munge -n </dev/null >/dev/null 2>&1; then return 0; fi
@@ -191,9 +192,9 @@ EOF
 }
 
 stop_accounting() {
-  for f in "$STATE/slurmdbd.pid" "$DB/mysqld.pid"; do pid_alive "$f" && kill "$(cat "$f")" 2>/dev/null || true; done
+  for f in "$STATE/slurmdbd.pid" "$DB/mysqld.pid"; do pid_alive "$f" && kill "$(cat "$f" 2>/dev/null)" 2>/dev/null || true; done
   for _ in $(seq 100); do pid_alive "$STATE/slurmdbd.pid" || pid_alive "$DB/mysqld.pid" || break; sleep 0.1; done
-  for f in "$STATE/slurmdbd.pid" "$DB/mysqld.pid"; do pid_alive "$f" && kill -9 "$(cat "$f")" 2>/dev/null || true; rm -f "$f"; done
+  for f in "$STATE/slurmdbd.pid" "$DB/mysqld.pid"; do pid_alive "$f" && kill -9 "$(cat "$f" 2>/dev/null)" 2>/dev/null || true; rm -f "$f"; done
 }
 
 start_accounting() {   # 0 when slurmdbd is up and the cluster registered; else one line why, and nothing left running
