@@ -146,12 +146,16 @@ def estimate_all(y, # outcomes of the population (no missing values)
     M0 = error_matrix(lt, lp, K)[0]; lay = _layout(y, p, K) if bounds else None
     point = {k: v[0] for k, v in _estimates(F, np.ones((1, n)), M0[None], K, lay).items()}
     if n_boot <= 0: return point, {}
-    # replicates in (class, outcome) order: person i's count lands in column rank[i] (the same draws, permuted columns)
-    order = lay['order'] if bounds else np.arange(n); rank = np.empty(n, np.int64); rank[order] = np.arange(n); Fs = F[order]
-    rng, reps, W = np.random.default_rng(seed), [], np.empty((min(chunk, n_boot), n))
+    # a continuous outcome's replicates in (class, outcome) order: person i's count lands in column rank[i] (the same draws, permuted columns)
+    perm = lay is not None and not lay['binary']     # only a continuous outcome's bounds need the sorted order
+    if perm: rank = np.empty(n, np.int64); rank[lay['order']] = np.arange(n); Fs = F[lay['order']]
+    else: Fs = F
+    rng, reps, W, dt = np.random.default_rng(seed), [], np.empty((min(chunk, n_boot), n)), np.int32 if n < 2**31 else np.int64
     for s in range(0, n_boot, chunk):
         c = min(chunk, n_boot - s)
-        for b in range(c): W[b] = np.bincount(rank[rng.integers(0, n, n, dtype=np.int32)], minlength=n)
+        for b in range(c):
+            i = rng.integers(0, n, n, dtype=dt)   # int32: the same draws as int64 (numpy draws ranges below 2**32 from 32 bits)
+            W[b] = np.bincount(rank[i] if perm else i, minlength=n)
         Ms = []
         for _ in range(c):
             j = rng.integers(0, len(lt), len(lt)); C = np.bincount(lt[j] * K + lp[j], minlength=K * K).reshape(K, K).astype(float)
