@@ -69,6 +69,56 @@ def test_bootstrap_point_estimates_equal_the_direct_estimators():
     Mc = error_matrix(c['lab_true'], c['lab_pred'], 2)[0]
     np.testing.assert_allclose(pc['bounds_low'], bound_means(c['y'], c['pred'], Mc)[0]); np.testing.assert_allclose(pc['bounds_high'], bound_means(c['y'], c['pred'], Mc)[1])
 
+def _direct_bounds(y, p, w, M):
+    "The obvious trimming bounds of one weighted replicate: expand each person into w copies, sort each predicted cell, trim."
+    K = len(M); shares = np.linalg.solve(M.T, np.bincount(p, w, K) / w.sum()); s = np.clip(shares, 0, None); s = s / s.sum()
+    lo, hi = np.zeros(K), np.zeros(K)
+    for l in range(K):
+        ys = np.sort(np.repeat(y[p == l], w[p == l].astype(int))); tot = len(ys)
+        def low(m):   # the sum of the lowest mass m: floor(m) whole copies and a fraction of the next one
+            f = int(np.floor(m)); return ys[:f].sum() + ((m - f) * ys[f] if f < tot else 0.)
+        for k in range(K):
+            q = min(s[k] * M[k, l] / (s * M[:, l]).sum(), 1); m = q * tot
+            if m <= 0 or M[k, l] == 0: continue
+            lo[k] += M[k, l] * low(m) / m; hi[k] += M[k, l] * (ys.sum() - low(tot - m)) / m
+    return lo, hi
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_fast_bootstrap_bounds_equal_the_direct_expand_and_sort(seed):
+    "The replicates' bounds (columns sorted once, block sums of the weights, one block searched) equal expanding and sorting each replicate."
+    from mugshotrace.disparity.estimators import _layout, _estimates, _low_sums
+    rng = np.random.default_rng(seed); n, K, c = 90, 3, 7
+    y = np.round(rng.lognormal(0, 1, n), 1); p = rng.integers(0, K, n)                # ties in y; cells of unequal size
+    P = rng.dirichlet(np.ones(K), n); onehot = np.eye(K)[p]
+    F = np.hstack([onehot, onehot * y[:, None], P, P * y[:, None]])
+    lay = _layout(y, p, K); o = lay['order']
+    W = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(c)]).astype(float)   # multinomial counts, zeros included
+    Ms = np.stack([np.eye(K) * .7 + rng.dirichlet(np.ones(K), K) * .3 for _ in range(c)])
+    out = _estimates(F[o], W[:, o], Ms, K, lay)
+    for b in range(c):
+        lo, hi = _direct_bounds(y, p, W[b], Ms[b])
+        np.testing.assert_allclose(out['bounds_low'][b], lo, rtol=1e-10); np.testing.assert_allclose(out['bounds_high'][b], hi, rtol=1e-10)
+        np.testing.assert_allclose(out['bounds_low'][b], bound_means(y, p, Ms[b], w=W[b])[0], rtol=1e-10)
+    ys = np.sort(y); Wl = W[:, np.argsort(y, kind='stable')]                          # many small blocks, every mass from 0 to the total
+    low, tot, _ = _low_sums(Wl, ys, B=4)
+    for m in np.linspace(0, n, 37):
+        direct = [np.sort(np.repeat(y, W[b].astype(int)))[:int(m)].sum() + (m - int(m)) * np.sort(np.repeat(y, W[b].astype(int)))[min(int(m), n - 1)] * (m < n) for b in range(c)]
+        np.testing.assert_allclose(low(np.full(c, m)), direct, rtol=1e-10, atol=1e-10)
+    np.testing.assert_array_equal(tot, n)
+
+def test_bootstrap_replicates_of_a_continuous_outcome_are_those_of_the_resample_loop():
+    "`estimate_all`'s replicates equal re-drawing its resamples and calling the direct estimators (same draws, same order)."
+    s = simulate_population(n=2000, n_lab=300, means=(0., 1.), seed=5); n, nl = 2000, 300
+    pt, bs = estimate_all(s['y'], s['pred'], s['P'], s['lab_true'], s['lab_pred'], n_boot=6, seed=7, chunk=3)
+    rng = np.random.default_rng(7); M0 = error_matrix(s['lab_true'], s['lab_pred'], 2)[0]; b = 0
+    for _ in range(2):
+        ws = [np.bincount(rng.integers(0, n, n), minlength=n).astype(float) for _ in range(3)]
+        Ms = [error_matrix(s['lab_true'][j], s['lab_pred'][j], 2)[0] for j in [rng.integers(0, nl, nl) for _ in range(3)]]
+        for w, M in zip(ws, Ms):
+            np.testing.assert_allclose(bs['corrected'][b], corrected_means(np.repeat(s['y'], w.astype(int)), np.repeat(s['pred'], w.astype(int)), M)[0], rtol=1e-10)
+            lo, hi = bound_means(s['y'], s['pred'], M, w=w)
+            np.testing.assert_allclose(bs['bounds_low'][b], lo, rtol=1e-10); np.testing.assert_allclose(bs['bounds_high'][b], hi, rtol=1e-10); b += 1
+
 def test_naive_attenuation_matches_the_misclassification_prediction():
     s = simulate_population(n=200_000, n_lab=10, sep=2.0, rates=(.2, .5), seed=5)
     g, pred, y = s['g'], s['pred'], s['y']

@@ -80,43 +80,57 @@ def bound_means(y, pred_idx, M, shares=None, w=None)->tuple[np.ndarray, np.ndarr
 # %% ../../nbs/api/52_disparity.estimators.ipynb #ef3cb28d
 ESTIMATORS = ('naive', 'weighted', 'corrected', 'bounds')
 
-def _estimates(y, p, P, Y1, F, W, Ms, bounds:bool=True)->dict:
-    "All estimators for the replicates in the rows of `W` (c × n bootstrap counts), with error matrices `Ms`, one per row."
-    K = P.shape[1]; R = W @ F; N = W.sum(1)                # R: c × 4K
+def _layout(y, p, K:int)->dict:
+    "The outcome's layout for the bounds: people sorted by (predicted class, outcome), stable; each class's column block."
+    order = np.lexsort((y, p)); ends = np.cumsum(np.bincount(p, minlength=K))
+    return dict(order=order, ys=y[order], blocks=list(zip(np.r_[0, ends[:-1]], ends)), binary=bool(np.isin(y, (0.0, 1.0)).all()))
+
+def _low_sums(Wl, ys, B:int=256):
+    "For counts `Wl` (c × n, columns in the order of the sorted outcomes `ys`): `(low, total mass, total Σ w·y)`, `low(m)` each row's sum of y over its lowest mass `m[b]` (the crossing person counted in part)."
+    c, n = Wl.shape; nb, full = -(-n // B), n // B * B; r = np.arange(c)
+    bw, by = np.add.reduceat(Wl, np.arange(0, n, B), 1), np.empty((c, nb))    # per block of B sorted people: weight and Σ w·y
+    by[:, :full // B] = np.einsum('cnb,nb->cn', Wl[:, :full].reshape(c, -1, B), ys[:full].reshape(-1, B))
+    if full < n: by[:, -1] = Wl[:, full:] @ ys[full:]
+    cbw, cby = np.cumsum(bw, 1) - bw, np.cumsum(by, 1) - by                    # mass and Σ w·y before each block
+    def low(m):
+        i = np.clip((cbw + bw < m[:, None]).sum(1), 0, nb - 1)                # the block where the cumulative mass reaches m
+        cols = i[:, None] * B + np.arange(B); inb = cols < n; cols = np.minimum(cols, n - 1)
+        w = np.where(inb, Wl[r[:, None], cols], 0); yb = ys[cols]; cw = np.cumsum(w, 1)
+        t = np.minimum((cbw[r, i][:, None] + cw < m[:, None]).sum(1), B - 1) # the person where it reaches m
+        wt, yt = w[r, t], yb[r, t]; before = cbw[r, i] + cw[r, t] - wt
+        return cby[r, i] + np.cumsum(w * yb, 1)[r, t] - wt * yt + (m - before) * yt
+    return low, cbw[:, -1] + bw[:, -1], cby[:, -1] + by[:, -1]
+
+def _estimates(F, W, Ms, K:int, lay:dict|None=None)->dict:
+    "All estimators for the replicates in the rows of `W` (c × n bootstrap counts, columns in `lay`'s order), with error matrices `Ms`, one per row."
+    R = W @ F; N = R[:, :K].sum(1)                         # R: c × 4K; N: the replicate's size (a sum of counts, exact)
     cnt, sy, wp, wpy = R[:, :K], R[:, K:2 * K], R[:, 2 * K:3 * K], R[:, 3 * K:]
     out = {'naive': sy / np.where(cnt > 0, cnt, np.nan), 'weighted': wpy / wp}
     rhs = np.stack([cnt / N[:, None], sy / N[:, None]], 2)  # c × K × 2
     sol = np.linalg.solve(np.transpose(Ms, (0, 2, 1)), rhs)
     out['corrected'], out['shares'] = sol[..., 1] / sol[..., 0], sol[..., 0]
-    if bounds:
-        c = W.shape[0]; lo, hi = np.zeros((c, K)), np.zeros((c, K))
-        S = np.clip(out['shares'], 0, None); S = np.where(S.sum(1, keepdims=True) > 0, S / np.maximum(S.sum(1, keepdims=True), 1e-300), 1 / K)
-        J = S[:, :, None] * Ms; Q = J / np.where(J.sum(1, keepdims=True) > 0, J.sum(1, keepdims=True), 1)   # Q[b, k, l] = P(G=k | Ĝ=l)
-        binary = bool(np.isin(y, (0.0, 1.0)).all())
-        for l in range(K):
-            if binary:   # a 0/1 outcome: the lowest / highest share q of a cell with mean ybar has mean max(0, q-(1-ybar))/q / min(q, ybar)/q
-                yb = sy[:, l] / np.where(cnt[:, l] > 0, cnt[:, l], np.nan)
-                for k in range(K):
-                    q = np.minimum(Q[:, k, l], 1); ok = (q > 0) & (Ms[:, k, l] > 0) & np.isfinite(yb)
-                    with np.errstate(invalid='ignore', divide='ignore'):
-                        a = np.maximum(0, q - (1 - yb)) / q; b = np.minimum(q, yb) / q
-                    lo[:, k] += np.where(ok, Ms[:, k, l] * a, 0); hi[:, k] += np.where(ok, Ms[:, k, l] * b, 0)
-                continue
-            i = np.flatnonzero(p == l); o = i[np.argsort(y[i], kind='stable')]; ys = y[o]
-            Wl = W[:, o]                                                                        # c × n_l, rows contiguous
-            cw, cyw = np.zeros((c, len(o) + 1)), np.zeros((c, len(o) + 1))
-            np.cumsum(Wl, 1, out=cw[:, 1:]); np.cumsum(Wl * ys, 1, out=cyw[:, 1:])
-            tot, toty = cw[:, -1], cyw[:, -1]
-            def tail_sum(m):   # the sum of y over the lowest mass m of each replicate's cell (linear interpolation, exact)
-                j = np.clip(np.array([np.searchsorted(cw[b], m[b]) for b in range(c)]), 1, cw.shape[1] - 1); r = np.arange(c)
-                x0, x1, y0, y1 = cw[r, j - 1], cw[r, j], cyw[r, j - 1], cyw[r, j]
-                return y0 + np.where(x1 > x0, (m - x0) / np.where(x1 > x0, x1 - x0, 1), 0) * (y1 - y0)
+    if lay is None: return out
+    c = W.shape[0]; lo, hi = np.zeros((c, K)), np.zeros((c, K))
+    S = np.clip(out['shares'], 0, None); S = np.where(S.sum(1, keepdims=True) > 0, S / np.maximum(S.sum(1, keepdims=True), 1e-300), 1 / K)
+    J = S[:, :, None] * Ms; Q = J / np.where(J.sum(1, keepdims=True) > 0, J.sum(1, keepdims=True), 1)   # Q[b, k, l] = P(G=k | Ĝ=l)
+    for l, (s0, s1) in enumerate(lay['blocks']):
+        if lay['binary']:   # a 0/1 outcome: the lowest / highest share q of a cell with mean ybar has mean max(0, q-(1-ybar))/q / min(q, ybar)/q
+            yb = sy[:, l] / np.where(cnt[:, l] > 0, cnt[:, l], np.nan)
             for k in range(K):
-                m = np.minimum(Q[:, k, l], 1) * tot; ok = (m > 0) & (Ms[:, k, l] > 0)
+                q = np.minimum(Q[:, k, l], 1); ok = (q > 0) & (Ms[:, k, l] > 0) & np.isfinite(yb)
                 with np.errstate(invalid='ignore', divide='ignore'):
-                    a = tail_sum(m) / m; b = (toty - tail_sum(tot - m)) / m
+                    a = np.maximum(0, q - (1 - yb)) / q; b = np.minimum(q, yb) / q
                 lo[:, k] += np.where(ok, Ms[:, k, l] * a, 0); hi[:, k] += np.where(ok, Ms[:, k, l] * b, 0)
-        out['bounds_low'], out['bounds_high'] = lo, hi
+            continue
+        # the columns are already in the cell's sorted order: no re-sorting per replicate; block sums of each
+        # replicate's weights locate the weighted quantile, one block of 256 people is then searched exactly
+        low, tot, toty = _low_sums(W[:, s0:s1], lay['ys'][s0:s1])
+        for k in range(K):
+            m = np.minimum(Q[:, k, l], 1) * tot; ok = (m > 0) & (Ms[:, k, l] > 0)
+            with np.errstate(invalid='ignore', divide='ignore'):
+                a = low(m) / m; b = (toty - low(tot - m)) / m
+            lo[:, k] += np.where(ok, Ms[:, k, l] * a, 0); hi[:, k] += np.where(ok, Ms[:, k, l] * b, 0)
+    out['bounds_low'], out['bounds_high'] = lo, hi
     return out
 
 def estimate_all(y, # outcomes of the population (no missing values)
@@ -126,22 +140,28 @@ def estimate_all(y, # outcomes of the population (no missing values)
                  n_boot:int=1000, # bootstrap replicates (0: point estimates only)
                  seed:int=0, chunk:int=50, bounds:bool=True)->tuple[dict, dict]:
     "`(point, boot)`: every estimator's group means at the data, and their bootstrap replicates (n_boot × K arrays)."
-    y, p, P = np.asarray(y, float), np.asarray(pred_idx), np.asarray(P, float); K = P.shape[1]
+    y, p, P = np.asarray(y, float), np.asarray(pred_idx), np.asarray(P, float); K = P.shape[1]; n = len(y)
     lt, lp = np.asarray(lab_true), np.asarray(lab_pred)
     onehot = np.eye(K)[p]; F = np.hstack([onehot, onehot * y[:, None], P, P * y[:, None]])
-    M0 = error_matrix(lt, lp, K)[0]
-    point = {k: v[0] for k, v in _estimates(y, p, P, None, F, np.ones((1, len(y))), M0[None], bounds).items()}
-    rng, reps = np.random.default_rng(seed), []
+    M0 = error_matrix(lt, lp, K)[0]; lay = _layout(y, p, K) if bounds else None
+    point = {k: v[0] for k, v in _estimates(F, np.ones((1, n)), M0[None], K, lay).items()}
+    if n_boot <= 0: return point, {}
+    # a continuous outcome's replicates in (class, outcome) order: person i's count lands in column rank[i] (the same draws, permuted columns)
+    perm = lay is not None and not lay['binary']     # only a continuous outcome's bounds need the sorted order
+    if perm: rank = np.empty(n, np.int64); rank[lay['order']] = np.arange(n); Fs = F[lay['order']]
+    else: Fs = F
+    rng, reps, W, dt = np.random.default_rng(seed), [], np.empty((min(chunk, n_boot), n)), np.int32 if n < 2**31 else np.int64
     for s in range(0, n_boot, chunk):
         c = min(chunk, n_boot - s)
-        W = np.empty((c, len(y)))
-        for b in range(c): W[b] = np.bincount(rng.integers(0, len(y), len(y)), minlength=len(y))
+        for b in range(c):
+            i = rng.integers(0, n, n, dtype=dt)   # int32: the same draws as int64 (numpy draws ranges below 2**32 from 32 bits)
+            W[b] = np.bincount(rank[i] if perm else i, minlength=n)
         Ms = []
         for _ in range(c):
             j = rng.integers(0, len(lt), len(lt)); C = np.bincount(lt[j] * K + lp[j], minlength=K * K).reshape(K, K).astype(float)
             Ms.append(np.where(C.sum(1, keepdims=True) > 0, C / np.maximum(C.sum(1, keepdims=True), 1), M0))  # a class absent from a replicate keeps the point rates
-        reps.append(_estimates(y, p, P, None, F, W, np.array(Ms), bounds))
-    boot = {k: np.concatenate([r[k] for r in reps]) for k in reps[0]} if reps else {}
+        reps.append(_estimates(Fs, W[:c], np.array(Ms), K, lay))
+    boot = {k: np.concatenate([r[k] for r in reps]) for k in reps[0]}
     return point, boot
 
 # %% ../../nbs/api/52_disparity.estimators.ipynb #84832e2d

@@ -42,7 +42,7 @@ def forest_plot(table:pd.DataFrame, # disparity.csv rows
                     ax.plot([r.bound_low, r.bound_high], [y, y], lw=6, alpha=.35, color=cols[j % len(cols)], solid_capstyle='butt')
                     ax.plot([r.ci_low, r.ci_high], [y, y], lw=1, color=cols[j % len(cols)])
                 else:
-                    ax.errorbar(r.estimate, y, xerr=[[r.estimate - r.ci_low], [r.ci_high - r.estimate]], fmt='o', ms=4, color=cols[j % len(cols)], capsize=2)
+                    ax.plot([r.ci_low, r.ci_high], [y, y], '|-', ms=6, lw=1, color=cols[j % len(cols)]); ax.plot(r.estimate, y, 'o', ms=4, color=cols[j % len(cols)])   # lines, not errorbar: a percentile interval need not contain the estimate
                 yt.append(y); yl.append(f'{e} · {s}')
         ax.axvline(0, color='grey', lw=.8); ax.set_yticks(yt, yl, fontsize=8); ax.set_title(f'{o}: {first}', fontsize=9)
         ax.set_xlabel(f'difference ({1 - alpha:.0%} interval; bounds: identified set)', fontsize=8)
