@@ -5,6 +5,12 @@ import pandas as pd, pytest
 
 BENCH = Path(__file__).resolve().parents[1] / 'bench'
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    "The benches pin torch to one thread per path; later tests (bit-identical resume) need the process's setting back."
+    import torch
+    n = torch.get_num_threads(); yield; torch.set_num_threads(n)
+
 def _load(name):
     sys.path.insert(0, str(BENCH))
     spec = importlib.util.spec_from_file_location(name, BENCH / f'{name}.py'); m = importlib.util.module_from_spec(spec)
