@@ -9,12 +9,15 @@ from __future__ import annotations
 import pandas as pd
 
 # %% auto #0
-__all__ = ['RACES', 'ETHNICITIES', 'CATEGORIES', 'SUBGROUP_ATTRS', 'SUBGROUPS', 'LABEL_SOURCES', 'subgroup_code']
+__all__ = ['RACES', 'ETHNICITIES', 'GENDERS', 'SKIN_TONES', 'CATEGORIES', 'SUBGROUP_ATTRS', 'SUBGROUPS', 'LABEL_SOURCES',
+           'subgroup_code']
 
 # %% ../nbs/api/01_vocab.ipynb #7512555c
 RACES = ('Black', 'White')
 ETHNICITIES = ('Hispanic', 'NonHispanic')
-CATEGORIES = {'race': RACES, 'ethnicity': ETHNICITIES}   # attribute -> its categories in the seed's tasks
+GENDERS = ('Male', 'Female')   # the binary gender labels of FairFace, UTKFace and the benchmark
+SKIN_TONES = ('Lighter', 'Darker')   # skin type as labelled (Fitzpatrick I–III vs IV–VI, as in Gender Shades)
+CATEGORIES = {'race': RACES, 'ethnicity': ETHNICITIES, 'gender': GENDERS, 'skin_tone': SKIN_TONES}   # attribute -> its categories
 SUBGROUP_ATTRS = {'BH': ('Black', 'Hispanic'), 'WH': ('White', 'Hispanic'),
                   'BnH': ('Black', 'NonHispanic'), 'WnH': ('White', 'NonHispanic')}   # code -> (race, ethnicity)
 SUBGROUPS = tuple(SUBGROUP_ATTRS)   # the seed's order: BH, WH, BnH, WnH

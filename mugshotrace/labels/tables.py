@@ -16,9 +16,9 @@ from ..core import UserError, stable_hash
 from ..vocab import RACES, ETHNICITIES, SUBGROUPS, CATEGORIES, subgroup_code
 
 # %% auto #0
-__all__ = ['FAIRFACE_RACES', 'UTKFACE_RACES', 'GENDERS', 'label_column', 'LabelSpec', 'validate_labels', 'load_labels',
-           'fairface_labels', 'utkface_labels', 'consensus', 'Task', 'race2', 'race_eth4', 'task_classes_raw',
-           'task_labels']
+__all__ = ['FAIRFACE_RACES', 'UTKFACE_RACES', 'GENDERS', 'TASK_PRESETS', 'label_column', 'LabelSpec', 'validate_labels',
+           'load_labels', 'fairface_labels', 'utkface_labels', 'consensus', 'Task', 'race2', 'race_eth4', 'get_task',
+           'task_classes_raw', 'task_labels']
 
 # %% ../../nbs/api/15_labels.tables.ipynb #0c35727f
 def label_column(attribute:str, source:str)->str:
@@ -252,6 +252,18 @@ def race2(source:str='court')->Task:
 def race_eth4(source:str='court')->Task:
     "The seed's 4-class task: race × ethnicity subgroups BH, WH, BnH, WnH."
     return Task('race_eth4', source, ('race', 'ethnicity'), SUBGROUPS)
+
+TASK_PRESETS = {'race2': race2, 'race_eth4': race_eth4}   # name -> (source -> Task)
+
+def get_task(name:str, # a preset (`TASK_PRESETS`) or a task the study file declares
+             source:str, # the label source the labels come from
+             custom:dict|None=None # the study file's `tasks:` section {name: {attributes, classes, …}}
+            )->Task:
+    "The task `name` with labels from `source`; `UserError` for an unknown name."
+    custom = custom or {}
+    if name in custom: return Task.from_dict({**custom[name], 'name': name, 'source': source})
+    if name in TASK_PRESETS: return TASK_PRESETS[name](source)
+    raise UserError(f'unknown task {name!r}; presets: {", ".join(sorted(TASK_PRESETS))}' + (f'; study tasks: {", ".join(sorted(custom))}' if custom else ''))
 
 def task_classes_raw(labels_df:pd.DataFrame, task:Task)->pd.Series:
     "Class per image (index image_id) before filtering to the task's classes; NaN where a label is missing."

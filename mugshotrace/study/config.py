@@ -11,16 +11,19 @@ from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
 from ..core import UserError, stable_hash, read_json
 from ..faces.preprocess import FaceOptions
-from ..labels.tables import LabelSpec
+from ..labels.tables import LabelSpec, load_labels
 from ..train.archs import PHASE1_ARCHS, PHASE2_ARCHS, get_arch
 
 # %% auto #0
-__all__ = ['TASKS', 'SAMPLINGS', 'INVERTS', 'PRECISIONS', 'BUILTIN_GRIDS', 'EXECUTOR_OPTIONS', 'RUNTIME_PREPROCESS_OPTIONS',
-           'RunConfig', 'expand_grid', 'StudyData', 'StudyFile', 'check_executor_options', 'load_study',
-           'manifest_path', 'preprocess_options', 'variant_options', 'check_variant']
+__all__ = ['TASKS', 'THATCHERS', 'SAMPLINGS', 'INVERTS', 'PRECISIONS', 'BUILTIN_GRIDS', 'EXECUTOR_OPTIONS',
+           'RUNTIME_PREPROCESS_OPTIONS', 'RunConfig', 'expand_grid', 'StudyData', 'StudyFile', 'check_executor_options',
+           'load_study', 'study_labels', 'manifest_path', 'preprocess_options', 'variant_options', 'check_variant']
 
 # %% ../../nbs/api/34_study.config.ipynb #0202cba6
-TASKS = ('race2', 'race_eth4')
+TASKS = ('race2', 'race_eth4')   # the seed's tasks; others: `labels.TASK_PRESETS` or the study file's `tasks:`
+THATCHERS = ('none', 'train', 'test', 'both')
+_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9.+-]*')
+_ID_OPTIONAL = {'thatcher': 'none'}   # fields added later: left out of the run id at their default, so older runs keep their ids
 SAMPLINGS = ('balanced', 'imbalanced')
 INVERTS = ('none', 'train', 'test', 'both')
 PRECISIONS = ('auto', 'fp32', 'fp16', 'bf16')
@@ -31,7 +34,7 @@ class RunConfig:
     arch:str # a registered architecture (`models.ARCHS`)
     variant:str='original' # preprocessing variant (`faces.VARIANTS`)
     label_source:str='court' # which labels the model learns from
-    task:str='race2' # 'race2' (Black/White) or 'race_eth4' (BH, WH, BnH, WnH)
+    task:str='race2' # a task preset ('race2' Black/White, 'race_eth4' BH/WH/BnH/WnH, …) or a task of the study file
     sampling:str='balanced' # 'balanced' (n_per_class per class) or 'imbalanced' (full population)
     init:str='imagenet' # 'imagenet', 'random' or a safetensors weights path
     invert:str='none' # upside-down faces at 'train', 'test', 'both' or 'none' (Thatcher effect)
@@ -53,9 +56,11 @@ class RunConfig:
     test_share:float=0.2
     test_n:int|None=None # cap per disaggregated test set
     data_hash:str='' # fingerprint of the data read (set by `fingerprint_configs`)
+    thatcher:str='none' # Thatcherised faces (eyes and mouth flipped inside the upright face) at 'train', 'test', 'both' or 'none'
 
     def __post_init__(self):
-        for f, ok in (('task', TASKS), ('sampling', SAMPLINGS), ('invert', INVERTS), ('precision', PRECISIONS)):
+        if not isinstance(self.task, str) or not _NAME.fullmatch(self.task): raise UserError(f'task must be a name of letters, digits, ".", "+" or "-", not {self.task!r}')
+        for f, ok in (('sampling', SAMPLINGS), ('invert', INVERTS), ('thatcher', THATCHERS), ('precision', PRECISIONS)):
             if getattr(self, f) not in ok: raise UserError(f'{f} must be one of {ok}, not {getattr(self, f)!r}')
         get_arch(self.arch)
 
@@ -64,13 +69,15 @@ class RunConfig:
         "Human-readable name (`arch-variant-source-task-sampling-init[-invX][-sN]`), used by `--only`."
         init = self.init if self.init in ('imagenet', 'random') else 'user'
         return '-'.join([self.arch, self.variant, self.label_source, self.task, self.sampling, init] +
-                        ([f'inv{self.invert}'] if self.invert != 'none' else []) + ([f's{self.seed}'] if self.seed else []))
+                        ([f'inv{self.invert}'] if self.invert != 'none' else []) + ([f'th{self.thatcher}'] if self.thatcher != 'none' else [])
+                        + ([f's{self.seed}'] if self.seed else []))
 
     @property
     def run_id(self)->str:
         "Hash of the config, the data fingerprint and the package version."
         from mugshotrace import __version__
-        return stable_hash({'config': asdict(self), 'version': __version__}, n=16)
+        d = {k: v for k, v in asdict(self).items() if not (k in _ID_OPTIONAL and v == _ID_OPTIONAL[k])}
+        return stable_hash({'config': d, 'version': __version__}, n=16)
 
     def to_dict(self)->dict: return {'run_id': self.run_id, 'name': self.name, **asdict(self)}
     @classmethod
@@ -112,6 +119,7 @@ class StudyData:
     preprocessed:str # preprocessing output root
     preprocess:dict=field(default_factory=dict) # options for `faces.preprocess` (size, workers, …)
     truth:str|None=None # a synth benchmark folder with truth.json
+    tasks:dict=field(default_factory=dict) # the study file's own tasks {name: {attributes, classes, …}} (`labels.get_task`)
 
 @dataclass(frozen=True)
 class StudyFile:
@@ -175,6 +183,12 @@ def load_study(study, # a YAML path, or the parsed dict
     ex = d.get('executor') or {}
     ex = check_executor_options(dict(ex) if isinstance(ex, dict) else {'name': ex}, 'the study file')
     return StudyFile(str(d.get('name', 'study')), data, runs, _abs(base, d.get('runs', 'runs')), ex)
+
+# %% ../../nbs/api/34_study.config.ipynb #ceaa5d31
+def study_labels(data:StudyData)->"pd.DataFrame":
+    "The study's tidy label table (`image_id, path, person_id, <attribute>_<source> …`): the one way stages read labels."
+    return load_labels(data.labels_table, LabelSpec.from_dict(data.label_spec))
+
 
 # %% ../../nbs/api/34_study.config.ipynb #5b3f3b93
 def manifest_path(data:StudyData, variant:str)->Path: return Path(data.preprocessed)/variant/'manifest.csv'

@@ -16,7 +16,7 @@ from ..config import add_config_arguments, config_from_args, add_common_argument
 from ..faces.preprocess import preprocess as faces_preprocess
 from ..labels.tables import LabelSpec, load_labels
 from .config import (RunConfig, StudyData, StudyFile, load_study, expand_grid, check_executor_options,
-                                      manifest_path, preprocess_options, variant_options, check_variant)
+                                      manifest_path, study_labels, preprocess_options, variant_options, check_variant)
 from .runner import run_one, acquire_lock, release_lock, read_state, set_state, write_config, launcher_rank
 from .folder import find_runs
 from .slurm import SubmititRun, submit_slurm_array
@@ -32,7 +32,7 @@ def prepare_variants(data:StudyData, # the study's data
     "Run `faces.preprocess` for every variant not preprocessed yet; check that existing crops match the study's options."
     for v in dict.fromkeys(variants):
         if manifest_path(data, v).exists(): check_variant(data, v); continue
-        table = load_labels(data.labels_table, LabelSpec.from_dict(data.label_spec))
+        table = study_labels(data)
         print(f'preprocessing {len(table)} images: variant {v}', file=sys.stderr)
         faces_preprocess(table[['image_id', 'path']], data.images, v, data.preprocessed, **data.preprocess)
 
@@ -48,7 +48,8 @@ def fingerprint_configs(configs, # RunConfigs
         if c.variant not in man: man[c.variant] = (sha256_file(manifest_path(data, c.variant)), check_variant(data, c.variant))
         w = sha256_file(c.init) if c.init not in ('imagenet', 'random') and Path(c.init).is_file() else None
         out.append(replace(c, data_hash=stable_hash({'labels': lab, 'manifest': man[c.variant][0], 'preprocess': man[c.variant][1],
-                                                     'init': w, 'spec': data.label_spec}, n=16)))
+                                                     'init': w, 'spec': data.label_spec,
+                                                     **({'task': data.tasks[c.task]} if c.task in data.tasks else {})}, n=16)))
     return out
 
 # %% ../../nbs/api/35_study.grid.ipynb #03d18163

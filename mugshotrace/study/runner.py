@@ -21,7 +21,8 @@ from ..labels import tables as L, sampling as S
 from ..train import data as D
 from ..train.checkpoints import fit_phases, read_checkpoint, check_resume_environment
 from ..train.models import get_arch, face_learner, save_bundle
-from .config import RunConfig, StudyData, variant_options
+from ..faces.thatcher import thatcher_manifest
+from .config import RunConfig, StudyData, variant_options, study_labels
 
 # %% auto #0
 __all__ = ['PAUSE_FILE', 'read_state', 'write_config', 'set_state', 'acquire_lock', 'release_lock', 'lock_is_held',
@@ -230,8 +231,8 @@ def train_and_evaluate(cfg:RunConfig, data:StudyData, paths:RunPaths, force_resu
     t0 = time.time(); spec = get_arch(cfg.arch)
     for f in [*paths.root.glob('.*.tmp'), *paths.root.glob('.checkpoint/.*.tmp')]: f.unlink()   # debris of a killed attempt
     size = max(cfg.size or spec.input_size, spec.min_size)
-    table = L.load_labels(data.labels_table, L.LabelSpec.from_dict(data.label_spec))
-    task = (L.race2 if cfg.task == 'race2' else L.race_eth4)(cfg.label_source)
+    table = study_labels(data)
+    task = L.get_task(cfg.task, cfg.label_source, data.tasks)
     made_with = variant_options(data, cfg.variant)   # what the crops were really made with, not what the study asks
     if made_with is None: raise UserError(f'{Path(data.preprocessed)/cfg.variant} has no config.json saying how its crops were made')
     man = F.load_manifest(data.preprocessed, cfg.variant)
@@ -240,7 +241,9 @@ def train_and_evaluate(cfg:RunConfig, data:StudyData, paths:RunPaths, force_resu
                            test_share=cfg.test_share, holdout_seed=cfg.holdout_seed, test_n=cfg.test_n)
     full, sample = sample, S.restrict_sample(sample, ok, cfg.variant)
     write_json(paths.root/'sample.json', sample.to_dict())
-    items = D.items_from(man, L.task_labels(table, task), sample.train + sample.valid, sample.valid)
+    def faces_of(v, vman, at):   # a variant's manifest, or its Thatcherised faces where the run asks for them `at` train/test
+        return thatcher_manifest(data.preprocessed, v, vman) if cfg.thatcher in (at, 'both') else vman
+    items = D.items_from(faces_of(cfg.variant, man, 'train'), L.task_labels(table, task), sample.train + sample.valid, sample.valid)
     dls = D.face_dataloaders(items, size, spec.mean, spec.std, bs=cfg.bs, aug=cfg.aug, seed=cfg.seed,
                              weighted=cfg.weighted, classes=list(task.classes))
     learn = face_learner(dls, spec, init=cfg.init, seed=cfg.seed, path=paths.root, model_dir='.models')   # lr_find's scratch
@@ -254,28 +257,29 @@ def train_and_evaluate(cfg:RunConfig, data:StudyData, paths:RunPaths, force_resu
              'train_counts': {str(k[1]): int(v) for k, v in counts.items() if not k[0]}}
     info = save_bundle(learn, paths.root, {'arch': spec.name, 'classes': list(task.classes), 'input_size': size,
         'variant': cfg.variant, 'training_data': tdata, 'init': cfg.init, 'run_id': cfg.run_id, 'label_source': cfg.label_source,
-        'task': task.to_dict(), 'invert': cfg.invert, 'resize_method': 'squish',
+        'task': task.to_dict(), 'invert': cfg.invert, 'thatcher': cfg.thatcher, 'resize_method': 'squish',
         'preprocessing': {'variant': cfg.variant, 'size': int(made_with.get('size', 299)),
                           'opts': {k: v for k, v in made_with.items() if k not in ('variant', 'size')}}})
     truth = _truth(data, cfg); datasets = {}
     inv_test = cfg.invert in ('test', 'both')
     sets = [('valid', cfg.label_source, items[items.is_valid], cfg.invert in ('train', 'both'), cfg.variant)]
     def test_items(vman, ids, name): return D.items_from(vman, L.task_labels(table, task.with_source(name.split('/', 1)[0])), ids)
-    for name, ids in sample.tests.items(): sets.append((name, name.split('/', 1)[0], test_items(man, ids, name), inv_test, cfg.variant))
+    tman = faces_of(cfg.variant, man, 'test')
+    for name, ids in sample.tests.items(): sets.append((name, name.split('/', 1)[0], test_items(tman, ids, name), inv_test, cfg.variant))
     # the seed's design: every model is also tested on the same held-out people as the study's other variants
     # preprocessed them (under preds/variants/<variant>/; the audit names these scenarios `<variant>:<test set>`)
     for v in other_variants(data, cfg.variant):
         vman = F.load_manifest(data.preprocessed, v)
         vok = vman.loc[vman.status == 'ok', 'image_id'].astype(str) if 'status' in vman else vman.image_id.astype(str)
         for name, ids in S.restrict_sample(full, vok, v).tests.items():
-            sets.append((name, name.split('/', 1)[0], test_items(vman, ids, name), inv_test, v))
+            sets.append((name, name.split('/', 1)[0], test_items(faces_of(v, vman, 'test'), ids, name), inv_test, v))
     for name, src, its, inv, v in sets:
         df = preds_frame(its, predict_items(learn, its, inv), list(task.classes), table, src, truth)
         stem, pdir = dataset_file_name(name), paths.preds_dir if v == cfg.variant else paths.preds_dir/'variants'/v
         write_csv(pdir/f'{stem}.csv', df)
         write_json(pdir/f'{stem}.json', {'run_id': cfg.run_id, 'dataset': name, 'label_source': src, 'variant': v,
             'group': name.split('/', 1)[1] if '/' in name else None, 'model_sha256': info['weights_sha256'], 'task': cfg.task,
-            'inverted': inv, 'n': len(df)})
+            'inverted': inv, 'thatcher': cfg.thatcher in (('train', 'both') if name == 'valid' else ('test', 'both')), 'n': len(df)})
         m = {'n': len(df), 'accuracy': float((df.Prediction == df.label).mean()) if len(df) else None, 'label_source': src, 'inverted': inv}
         if 'truth' in df: m['accuracy_vs_truth'] = float((df.Prediction == df.truth).mean()) if len(df) else None
         datasets[name if v == cfg.variant else f'{v}:{name}'] = m
