@@ -17,12 +17,13 @@ from ..train.archs import PHASE1_ARCHS, PHASE2_ARCHS, get_arch
 # %% auto #0
 __all__ = ['TASKS', 'THATCHERS', 'SAMPLINGS', 'INVERTS', 'PRECISIONS', 'BUILTIN_GRIDS', 'EXECUTOR_OPTIONS',
            'RUNTIME_PREPROCESS_OPTIONS', 'RunConfig', 'expand_grid', 'StudyData', 'StudyFile', 'check_executor_options',
-           'load_study', 'study_labels', 'manifest_path', 'preprocess_options', 'variant_options', 'check_variant']
+           'load_study', 'study_labels', 'manifest_path', 'preprocess_options', 'variant_options', 'check_variant',
+           'shipped_studies']
 
 # %% ../../nbs/api/34_study.config.ipynb #0202cba6
 TASKS = ('race2', 'race_eth4')   # the seed's tasks; others: `labels.TASK_PRESETS` or the study file's `tasks:`
 THATCHERS = ('none', 'train', 'test', 'both')
-_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9.+-]*')
+_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.+-]*')
 _ID_OPTIONAL = {'thatcher': 'none'}   # fields added later: left out of the run id at their default, so older runs keep their ids
 SAMPLINGS = ('balanced', 'imbalanced')
 INVERTS = ('none', 'train', 'test', 'both')
@@ -59,7 +60,7 @@ class RunConfig:
     thatcher:str='none' # Thatcherised faces (eyes and mouth flipped inside the upright face) at 'train', 'test', 'both' or 'none'
 
     def __post_init__(self):
-        if not isinstance(self.task, str) or not _NAME.fullmatch(self.task): raise UserError(f'task must be a name of letters, digits, ".", "+" or "-", not {self.task!r}')
+        if not isinstance(self.task, str) or not _NAME.fullmatch(self.task): raise UserError(f'task must be a name of letters, digits, "_", ".", "+" or "-", not {self.task!r}')
         for f, ok in (('sampling', SAMPLINGS), ('invert', INVERTS), ('thatcher', THATCHERS), ('precision', PRECISIONS)):
             if getattr(self, f) not in ok: raise UserError(f'{f} must be one of {ok}, not {getattr(self, f)!r}')
         get_arch(self.arch)
@@ -90,10 +91,17 @@ BUILTIN_GRIDS = {
 }
 _FIELDS = {f.name for f in fields(RunConfig)}
 
-def expand_grid(grid:dict|str, # axes {field: [values]}, a built-in name, or {'builtin': name, **extra axes}
+def expand_grid(grid:dict|str|list, # axes {field: [values]}, a built-in name, {'builtin': name, **extra axes}, or a list of grids
                 **base # fixed fields for every run (the training recipe)
                )->list[RunConfig]:
-    "Every `RunConfig` of the grid (product of the axes, in axis order)."
+    "Every `RunConfig` of the grid (product of the axes, in axis order); for a list of grids, each run once (by run id)."
+    if isinstance(grid, (list, tuple)):
+        if not grid: raise UserError('the grid list is empty')
+        runs = {}
+        for i, g in enumerate(grid):
+            if not isinstance(g, (dict, str)): raise UserError(f'grid {i + 1} of the list is not a mapping of axes or a built-in name: {g!r}')
+            for r in expand_grid(g, **base): runs.setdefault(r.run_id, r)
+        return list(runs.values())
     if isinstance(grid, str): grid = {'builtin': grid}
     grid = dict(grid)
     if 'builtin' in grid:
@@ -218,3 +226,10 @@ def check_variant(data:StudyData, variant:str)->dict:
         raise UserError(f'the {variant} crops in {vdir} were made with other preprocessing options ({", ".join(diff)}) than the '
                         f'study asks for: use another `preprocessed:` folder, or the options they were made with')
     return have
+
+# %% ../../nbs/api/34_study.config.ipynb #2abd9adf
+def shipped_studies()->dict:
+    "The study files that ship with the package (`mugshotrace/studies/*.yaml`), by name."
+    d = Path(__file__).resolve().parent.parent/'studies'
+    return {p.stem: p for p in sorted(d.glob('*.yaml'))} if d.is_dir() else {}
+
