@@ -15,6 +15,7 @@ import pandas as pd
 from ..core import UserError, write_bytes, write_csv, write_json, sha256_file, save_figure, stable_hash
 from ..config import add_config_arguments, config_from_args, add_common_arguments, ResultMixin, StageCache
 from ..faces.manifest import load_landmarks
+from ..faces.thatcher import thatcher_manifest, thatcher_dir
 from ..train.archs import get_arch
 from ..study.config import load_study
 from ..study.folder import Run, Study
@@ -119,15 +120,17 @@ def explain_inputs(run:Run, meta:dict, files:dict)->dict:
             'preds': {f.relative_to(run.paths.preds_dir).as_posix(): sha256_file(f) for f in run.prediction_files()}}
 
 def run_images(run:Run, faces=None, # the preprocessing root (default: the run's study's)
-               variant:str|None=None # the variant whose images (default: the run's own; a cross-variant scenario's test variant)
+               variant:str|None=None, # the variant whose images (default: the run's own; a cross-variant scenario's test variant)
+               thatcher:bool=False # the variant's Thatcherised crops (`faces.thatcher`), with their transformed landmarks
               )->tuple[dict, pd.DataFrame|None]:
     "`{image_id: file}` of the run's usable images under `variant` (`Run.images`), and that variant's landmarks side file (or None)."
     variant = variant or run.variant
     man = run.images(variant=variant, faces=faces)
-    man = man[(man['status'] == 'ok') & man['file'].notna()]
     root = Path(faces) if faces is not None else run.study.preprocessed
-    lm = root/variant/'landmarks.csv'
-    return dict(zip(man['image_id'], man['file'])), (load_landmarks(root, variant) if lm.exists() else None)
+    if thatcher: man = thatcher_manifest(root, variant, man)   # the crops the model saw (made once, cached)
+    man = man[(man['status'] == 'ok') & man['file'].notna()]
+    lm = (thatcher_dir(root, variant) if thatcher else root/variant)/'landmarks.csv'
+    return dict(zip(man['image_id'], man['file'])), (pd.read_csv(lm, dtype={'image_id': str}) if lm.exists() else None)
 
 def _sample(p:pd.DataFrame, n:int, seed:int)->pd.DataFrame:
     if 'group' not in p: return p.sample(min(n, len(p)), random_state=seed).sort_values('image_id')
@@ -140,6 +143,11 @@ def _inverted(scn, run:Run)->bool:
     "Whether the run fed the images of scenario `scn` upside down (the `invert` grid axis)."
     if 'inverted' in scn.sidecar: return bool(scn.sidecar['inverted'])
     return run.config.get('invert', 'none') in (('train', 'both') if scn.file.stem == 'valid' else ('test', 'both'))
+
+def _thatcher(scn, run:Run)->bool:
+    "Whether the run fed the Thatcherised crops for scenario `scn` (the `thatcher` grid axis)."
+    if 'thatcher' in scn.sidecar: return bool(scn.sidecar['thatcher'])
+    return run.config.get('thatcher', 'none') in (('train', 'both') if scn.file.stem == 'valid' else ('test', 'both'))
 
 def _explain_scenario(ex, model, p, files, side, size, mean, std, classes, bs, faithfulness, seed, inverted=False):
     rows, maps = [], []
@@ -202,8 +210,8 @@ def explain(source, # a `Run` or a finished run folder
     size = hw[0]
     mean, std, classes = tuple(meta['mean']), tuple(meta['std']), [str(c) for c in meta['classes']]
     scns = {scenario_key(s): s for s in explained_scenarios(run, cfg.include_valid, cfg.scenarios)}
-    imgs_by_var = {v: run_images(run, faces, v) for v in dict.fromkeys(s.variant for s in scns.values())}
-    files = {f'{v}/{i}': f for v, (fs, _) in imgs_by_var.items() for i, f in fs.items()}   # what the cache key sees
+    imgs_by_var = {k: run_images(run, faces, *k) for k in dict.fromkeys((s.variant, _thatcher(s, run)) for s in scns.values())}
+    files = {f"{v}{'+thatcher' if th else ''}/{i}": f for (v, th), (fs, _) in imgs_by_var.items() for i, f in fs.items()}   # what the cache key sees
     st = Study.find(run.path)   # fails closed: no record, real data
     synthetic = bool(cfg.synthetic or (st is not None and st.synthetic))
     show = bool(cfg.show_faces or synthetic); rid = run.run_id
@@ -218,7 +226,7 @@ def explain(source, # a `Run` or a finished run folder
     datasets = list(pd.unique(bw['dataset'])) if len(bw) else list(scns)
     missing = 0
     for ds in tqdm(datasets, desc='explain', disable=not progress):
-        files, side = imgs_by_var[scns[ds].variant]   # a cross-variant scenario: that variant's preprocessed images
+        files, side = imgs_by_var[(scns[ds].variant, _thatcher(scns[ds], run))]   # that variant's (Thatcherised) images
         fig_path, reg_path = out/'figures'/'best_worst'/f'{ds}.png', out/'regions'/f'{ds}.csv'
         rows = bw[(bw['dataset'] == ds) & bw['image_id'].isin(files)]
         missing += int(((bw['dataset'] == ds) & ~bw['image_id'].isin(files)).sum())
@@ -240,7 +248,8 @@ def explain(source, # a `Run` or a finished run folder
                                              label_source=scns[ds].label_source))
     parts = [pd.read_csv(out/'regions'/f'{ds}.csv', dtype={'image_id': str}) for ds in datasets if (out/'regions'/f'{ds}.csv').exists()]
     summary = dict(run_id=rid, arch=spec.name, variant=run.variant, model_sha256=meta.get('weights_sha256'), k=cfg.k, show_faces=show,
-                   synthetic=synthetic, key=key, scenarios=datasets, best_worst_missing_images=missing, max_images=cfg.max_images, seed=cfg.seed)
+                   synthetic=synthetic, key=key, scenarios=datasets, best_worst_missing_images=missing, max_images=cfg.max_images, seed=cfg.seed,
+                   thatcher_scenarios=[ds for ds in datasets if _thatcher(scns[ds], run)], inverted_scenarios=[ds for ds in datasets if _inverted(scns[ds], run)])
     if parts:
         sh = pd.concat(parts, ignore_index=True); write_csv(out/'region_shares.csv', sh)
         _group_outputs(out, sh.drop_duplicates(['dataset', 'image_id']), datasets, rid, cfg, summary)
