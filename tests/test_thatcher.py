@@ -162,6 +162,7 @@ def test_same_bytes_in_a_pool_and_from_the_side_file(tmp_path):
 
 def test_study_with_thatcher_and_invert_axes(tmp_path):
     from mugshotrace.cli import main
+    from mugshotrace.study.folder import Run
     bench, out = tmp_path/'bench', tmp_path/'study'
     assert main(['synth', '--out', str(bench), '--people', '24', '--width', '240', '--height', '300', '--no-progress']) == 0
     cols = {s: {'race': f'race_{s}', 'ethnicity': f'ethnicity_{s}'} for s in ('court', 'student')}
@@ -178,7 +179,7 @@ def test_study_with_thatcher_and_invert_axes(tmp_path):
     assert main(['run', str(out/'study.yaml'), '--no-progress']) == 0
     runs = sorted(p for p in (out/'runs').iterdir() if (p/'config.json').exists())
     th = [p for p in runs if read_json(p/'config.json').get('thatcher') == 'test']
-    assert len(runs) == 4 and len(th) == 2 and all('-thtest' in p.name for p in th)
+    assert len(runs) == 4 and len(th) == 2 and all(Run.open(p).name.endswith('-thtest') for p in th)
     tdir = thatcher_dir(out/'faces', 'resized'); tman = pd.read_csv(tdir/'manifest.csv', dtype={'image_id': str})
     files = {i: f for i, f in zip(tman.image_id, tman.out_path) if isinstance(f, str)}
     assert len(files) >= 0.8 * len(tman)                              # dlib finds most benchmark faces on the crops
@@ -193,10 +194,10 @@ def test_study_with_thatcher_and_invert_axes(tmp_path):
         assert read_json(p/'model.json')['thatcher'] == read_json(p/'config.json').get('thatcher', 'none')
     assert main(['audit', str(out), '--n-boot', '50', '--no-progress']) == 0
     audit = pd.concat([pd.read_csv(f) for f in out.rglob('audit.csv')])
-    assert {p.name for p in runs} <= set(audit.run_id)
+    assert {Run.open(p).run_id for p in runs} <= set(audit.run_id)
     assert main(['report', str(out), '--out', str(out/'report.html')]) == 0
     html = (out/'report.html').read_text(encoding='utf-8')
-    assert all(p.name in html for p in runs)
+    assert all(Run.open(p).run_id in html for p in runs)
     both = [p for p in th if read_json(p/'config.json').get('invert') == 'test'][0]   # Thatcherised and rotated
     assert main(['explain', str(both), '--max-images', '4', '--bs', '8', '--no-faithfulness', '--no-progress']) == 0
     ex = read_json(both/'explain'/'explain.json')
