@@ -152,16 +152,19 @@ def test_same_bytes_in_a_pool_and_from_the_side_file(tmp_path):
     lm = landmarks68(img, detect_faces(img, 1)[0]) + [3.0, 0.0]       # shifted: a different, known input
     pd.DataFrame([('grace_hopper', k, x, y, x, y) for k, (x, y) in enumerate(lm)],
                  columns=['image_id', 'point', 'x', 'y', 'out_x', 'out_y']).to_csv(root/'resized'/'landmarks.csv', index=False)
+    os.chmod(root/'resized'/'images'/'grace_hopper.png', 0o600)      # an owner-only crop (real faces)
     c = thatcher_manifest(root, 'resized')
     assert np.array_equal(load_rgb(c.file[0])[0], thatcherize(img, lm))
+    assert os.stat(c.file[0]).st_mode & 0o777 == 0o600 and os.stat(a.file[0]).st_mode & 0o077   # as private as its crop
     got = pd.read_csv(thatcher_dir(root, 'resized')/'landmarks.csv').sort_values('point')
     assert np.allclose(got[['out_x', 'out_y']], thatcher_landmarks(lm), atol=1e-3)
 
 
 # ---- end to end: run → audit → report → explain with the thatcher and invert axes ----
 
-def test_study_with_thatcher_and_invert_axes(tmp_path):
+def test_study_with_thatcher_and_invert_axes(tmp_path, monkeypatch):
     from mugshotrace.cli import main
+    from mugshotrace.interp import explain as E
     from mugshotrace.study.folder import Run
     bench, out = tmp_path/'bench', tmp_path/'study'
     assert main(['synth', '--out', str(bench), '--people', '24', '--width', '240', '--height', '300', '--no-progress']) == 0
@@ -199,8 +202,47 @@ def test_study_with_thatcher_and_invert_axes(tmp_path):
     html = (out/'report.html').read_text(encoding='utf-8')
     assert all(Run.open(p).run_id in html for p in runs)
     both = [p for p in th if read_json(p/'config.json').get('invert') == 'test'][0]   # Thatcherised and rotated
+    loaded, sides = [], []                                             # what explain feeds the model, and its landmarks
+    load_inputs, input_landmarks = E.load_inputs, E.R.input_landmarks
+    monkeypatch.setattr(E, 'load_inputs', lambda fs, *a, **k: loaded.extend(fs) or load_inputs(fs, *a, **k))
+    monkeypatch.setattr(E.R, 'input_landmarks', lambda ids, fs, size, side=None: sides.append(side) or input_landmarks(ids, fs, size, side))
     assert main(['explain', str(both), '--max-images', '4', '--bs', '8', '--no-faithfulness', '--no-progress']) == 0
+    assert loaded and all(Path(f).parent == tdir/'images' for f in loaded)           # the Thatcherised crops
+    tl = pd.read_csv(tdir/'landmarks.csv', dtype={'image_id': str})
+    assert sides and all(sd is not None and sd.equals(tl) for sd in sides)           # with the landmarks of those crops
+    one = tl[tl.image_id == tl.image_id.iloc[0]].set_index('point')
+    assert one.loc[17:26, 'out_y'].mean() > one.loc[36:47, 'out_y'].mean()          # brows below the eyes, as shown
     ex = read_json(both/'explain'/'explain.json')
     assert ex['thatcher_scenarios'] and set(ex['thatcher_scenarios']) == set(ex['inverted_scenarios'])
     reg = pd.read_csv(both/'explain'/'region_shares.csv', dtype={'image_id': str})
     assert len(reg) and set(reg.image_id) <= set(files) and reg.has_landmarks.all()
+
+@pytest.mark.slow
+def test_outside_regions_unchanged_across_the_benchmark(tmp_path):
+    """On every openface crop of a benchmark of 60 people (crops padded by a grey border: dlib's detector misses faces
+    that fill the image): dlib's jaw and nose points on the Thatcherised crop vs on the crop, in the same box."""
+    from mugshotrace.synth.benchmark import SynthConfig, make_benchmark
+    from mugshotrace.faces.preprocess import preprocess_table
+    bench = tmp_path/'bench'; make_benchmark(bench, SynthConfig(people=60, width=240, height=300), progress=False)
+    preprocess_table(bench/'labels.csv', bench, 'openface', tmp_path/'faces', size=160, progress=False)
+    m = thatcher_manifest(tmp_path/'faces', 'openface')
+    crops = dict(zip(m.image_id, pd.read_csv(tmp_path/'faces'/'openface'/'manifest.csv', dtype={'image_id': str}).out_path))
+    pad = lambda a: np.pad(a, ((40, 40), (40, 40), (0, 0)), constant_values=128)
+    errs, undetected, lost = [], 0, 0
+    for i, f in zip(m.image_id[m.status == 'ok'], m.file[m.status == 'ok']):
+        img = pad(load_rgb(tmp_path/'faces'/'openface'/crops[i])[0]); t = pad(load_rgb(f)[0])
+        b = detect_faces(img, 1)
+        if not b: undetected += 1; continue
+        lost += not any(_iou(x, b[0]) > 0.5 for x in detect_faces(t, 1))
+        lm, found = landmarks68(img, b[0]), landmarks68(t, b[0])
+        sh = landmarks68(np.roll(img, (1, 1), (0, 1)), b[0]) - 1          # dlib's own jitter: the crop moved by one pixel
+        e, j = (np.linalg.norm(x - lm, axis=1) / interocular(lm) for x in (found, sh))
+        errs.append((e[JAW].max(), e[NOSE].max(), j[JAW].max(), j[NOSE].max()))
+    errs = np.array(errs)
+    print('one-pixel shift (dlib jitter): jaw median %.3f p95 %.3f, nose median %.3f p95 %.3f' % (
+          np.median(errs[:, 2]), np.quantile(errs[:, 2], 0.95), np.median(errs[:, 3]), np.quantile(errs[:, 3], 0.95)))
+    print(f'{len(errs)} crops ({undetected} padded crops without a dlib face; the face lost after the transform in {lost}); '
+          f'max |Δ|/IOD: jaw median {np.median(errs[:, 0]):.3f} p95 {np.quantile(errs[:, 0], 0.95):.3f}, '
+          f'nose median {np.median(errs[:, 1]):.3f} p95 {np.quantile(errs[:, 1], 0.95):.3f}')
+    assert (m.status == 'ok').mean() > 0.95 and len(errs) > 0.8 * len(m)
+    assert np.median(errs[:, :2], axis=0).max() < OUTSIDE_TOL
