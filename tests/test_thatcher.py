@@ -160,6 +160,14 @@ def test_same_bytes_in_a_pool_and_from_the_side_file(tmp_path):
     assert np.allclose(got[['out_x', 'out_y']], thatcher_landmarks(lm), atol=1e-3)
 
 
+def test_a_bare_manifest(tmp_path):
+    "A manifest with only `image_id` and `file` (no status, no hashes): its rows count as usable and are made."
+    (tmp_path/'resized').mkdir(); f = tmp_path/'resized'/'g.png'
+    Image.open(sample_face_photos()['grace_hopper']).convert('RGB').save(f)
+    m = thatcher_manifest(tmp_path, 'resized', pd.DataFrame({'image_id': ['g'], 'file': [str(f)]}))
+    assert list(m.status) == ['ok'] and Path(m.file[0]).is_file() and m.variant[0] == 'resized'
+
+
 # ---- end to end: run → audit → report → explain with the thatcher and invert axes ----
 
 def test_study_with_thatcher_and_invert_axes(tmp_path, monkeypatch):

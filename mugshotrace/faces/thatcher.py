@@ -189,7 +189,8 @@ def thatcher_manifest(preprocessed, # the study's preprocessing root
                 raise UserError(f'{tdir} was made with other options ({", ".join(sub or diff)}): delete it or use the same options')
             return True
         return False
-    key = pd.DataFrame({'image_id': man['image_id'].astype(str), 'src_sha256': man['src_sha256'].astype(object).where(man['src_sha256'].notna(), None)})
+    sha = man['src_sha256'] if 'src_sha256' in man else pd.Series(None, index=man.index, dtype=object)
+    key = pd.DataFrame({'image_id': man['image_id'].astype(str), 'src_sha256': sha.astype(object).where(sha.notna(), None)})
     def cached()->pd.DataFrame|None:
         if not (check() and (tdir/'manifest.csv').exists()): return None
         old = load_manifest(Path(preprocessed)/variant, 'thatcher')
@@ -220,6 +221,7 @@ def _make(preprocessed, variant, man, tdir, opts, workers, pool_min, progress)->
     for row in man.to_dict('records'):
         iid = str(row['image_id']); row['image_id'] = iid
         row = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()}
+        row['status'] = row.get('status') or 'ok'; row['variant'] = row.get('variant') or variant   # a bare manifest: usable rows
         dst = tdir/'images'/output_name(iid, 'png')
         p = prior.get(iid)
         if p is not None and row.get('src_sha256') and p.get('src_sha256') == row['src_sha256'] and (p['status'] != 'ok' or dst.exists()):
