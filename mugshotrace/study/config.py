@@ -222,7 +222,8 @@ def _label_section(lab:dict, base:Path)->tuple:
     if not attrs: raise UserError('data.labels needs `table:` + `columns:` (the label CSV), or a `fairface:`, `utkface:` or `votes:` source')
     if all(e['kind'] == 'votes' for e in sources.values()) and 'table' not in lab:
         raise UserError('data.labels: votes alone have no image paths; add a `table:`, `fairface:` or `utkface:` source')
-    table = _abs(base, lab['table']) if 'table' in lab else next(e['path'] for e in sources.values() if e['kind'] != 'votes')
+    files = [e['path'] for e in sources.values() if e['kind'] != 'utkface']   # a file to fingerprint, where there is one
+    table = _abs(base, lab['table']) if 'table' in lab else (files or [e['path'] for e in sources.values()])[0]
     return table, ({**spec, 'sources': sources} if sources else spec), attrs
 
 def _check_preprocess(pp:dict)->dict:

@@ -20,8 +20,8 @@ from ..labels.agreement import source_agreement, rater_agreement
 
 # %% auto #0
 __all__ = ['TABLE_KEYS', 'SOURCE_KEYS', 'SOURCE_DEFAULTS', 'LABELS_KEYS', 'LABELS_DIR', 'AGREEMENT_FILES', 'check_source_name',
-           'check_class_name', 'parse_sources', 'build_labels', 'study_table', 'label_sources_of', 'sources_agreement',
-           'raters_agreement', 'write_study_labels']
+           'check_class_name', 'parse_sources', 'labels_fingerprint', 'build_labels', 'study_table', 'label_sources_of',
+           'sources_agreement', 'raters_agreement', 'write_study_labels']
 
 # %% ../../nbs/api/34_study.sources.ipynb #9d12ff8e
 _SOURCE_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9.+-]*')
@@ -97,6 +97,12 @@ def parse_sources(labels:dict, # the study file's `data.labels` section
         if kind == 'fairface': rec['images'] = _absp(base, e['images']) if e.get('images') else str(p.parent)
         out[name] = {**rec, 'fingerprint': _fingerprint(p)}
     return out
+
+# %% ../../nbs/api/34_study.sources.ipynb #dccde522
+def labels_fingerprint(data # a `StudyData`
+                      )->str:
+    "Fingerprint of the study's label files: the sha256 of `labels_table` (a file), else of its file names (a UTKFace folder); the other sources are in `label_spec`."
+    return _fingerprint(Path(data.labels_table))
 
 # %% ../../nbs/api/34_study.sources.ipynb #3b755500
 def _votes(path)->pd.DataFrame: return pd.read_csv(path, dtype=str, keep_default_na=True)
@@ -177,10 +183,8 @@ def _alpha(a:np.ndarray, b:np.ndarray)->float:
                                      level_of_measurement='nominal'))
 
 def _wilson(k, n, alpha):
-    from scipy.stats import norm   # reason: only when agreement is computed
-    k, n = np.asarray(k, float), np.maximum(np.asarray(n, float), 1); z = norm.ppf(1 - alpha / 2); p = k / n
-    c = (p + z * z / (2 * n)) / (1 + z * z / n); h = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return c - h, c + h
+    from statsmodels.stats.proportion import proportion_confint   # reason: statsmodels is heavy; only when agreement is computed
+    return proportion_confint(np.asarray(k), np.maximum(np.asarray(n), 1), alpha=alpha, method='wilson')
 
 def label_sources_of(labels:pd.DataFrame, attribute:str)->list:
     "The sources that label `attribute` in a tidy table (the seed's court, student first)."
