@@ -12,7 +12,7 @@ import os, re
 from pathlib import Path
 import numpy as np
 import pandas as pd
-from ..core import UserError, stable_hash, sha256_file, write_csv, write_json
+from ..core import UserError, stable_hash, sha256_file, write_csv, write_json, read_json
 from ..vocab import CATEGORIES, LABEL_SOURCES
 from ..labels.tables import (LabelSpec, load_labels, validate_labels, fairface_labels, utkface_labels, consensus,
                                        label_column)
@@ -268,8 +268,8 @@ def write_study_labels(study_dir, # the study folder (holds study.json)
     fp = {'spec': data.label_spec, 'table': data.labels_table if data.label_spec.get('columns') else None,
           'table_sha256': sha256_file(data.labels_table) if data.label_spec.get('columns') and Path(data.labels_table).is_file() else None,
           'sources': srcs, 'n_boot': n_boot, 'seed': seed}
-    try: same = paths['sources'].is_file() and pd.read_json(paths['sources'], typ='series').get('key') == stable_hash(fp, n=32)
-    except ValueError: same = False
+    try: same = paths['sources'].is_file() and read_json(paths['sources']).get('key') == stable_hash(fp, n=32)
+    except (ValueError, OSError, AttributeError): same = False
     if same and all(p.is_file() for p in paths.values()): return paths
     lab = study_table(data)
     write_csv(paths['labels'], lab)
