@@ -11,47 +11,32 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from ..vocab import LABEL_SOURCES
-from ..labels.agreement import source_agreement
+from ..study.sources import sources_agreement
 from ..faces.manifest import drop_report
 from ..audit.metrics import wilson_interval
 
 # %% auto #0
-__all__ = ['label_agreement', 'drop_rates_table', 'agreement_sentences', 'drop_sentences']
+__all__ = ['rater_rows', 'label_agreement', 'drop_rates_table', 'agreement_sentences', 'drop_sentences']
 
 # %% ../../nbs/api/59_report.datafacts.ipynb #6839227c
-def _alpha(a:np.ndarray, b:np.ndarray)->float:
-    import krippendorff   # reason: optional heavy-ish import, only when there is a label table
-    cats = {c: i for i, c in enumerate(sorted(set(a) | set(b)))}
-    if len(cats) < 2: return float('nan')
-    return float(krippendorff.alpha(reliability_data=np.array([[cats[x] for x in a], [cats[x] for x in b]], float),
-                                     level_of_measurement='nominal'))
+def rater_rows(r:pd.DataFrame)->pd.DataFrame:
+    "The stored rater agreement (`Study.rater_agreement`) as rows of the agreement table (`source_b` = '(raters)')."
+    if r is None or not len(r): return pd.DataFrame()
+    return pd.DataFrame({'attribute': r.attribute, 'source_a': r.source, 'source_b': '(raters)', 'group': r.group, 'n': r.n_images,
+                         'group_by': r.group_by, 'n_votes': r.n_votes, 'fleiss_kappa': r.fleiss_kappa, 'fleiss_low': r.kappa_low,
+                         'fleiss_high': r.kappa_high, 'krippendorff_alpha': r.krippendorff_alpha, 'alpha_low': r.alpha_low,
+                         'alpha_high': r.alpha_high})
 
-def label_agreement(labels:pd.DataFrame|None, # the tidy label table (`image_id`, `<attribute>_<source>` columns)
-                    attributes=('race', 'ethnicity'), n_boot:int=200, seed:int=0, alpha:float=0.05)->pd.DataFrame:
-    "Agreement of every pair of label sources per attribute and group: agreement, Cohen's κ and Krippendorff's α with intervals."
+def label_agreement(labels:pd.DataFrame|None, # the tidy label table (`image_id`, `<attribute>_<source>` columns); `Study.labels()` carries the stored agreement
+                    attributes=None, # default: every attribute two sources label (`vocab.CATEGORIES`)
+                    n_boot:int=200, seed:int=0, alpha:float=0.05)->pd.DataFrame:
+    "Agreement of every pair of label sources per attribute and group (share, Cohen's κ, Krippendorff's α with intervals), then the raters' α per group."
     if labels is None or not len(labels) or 'image_id' not in labels: return pd.DataFrame()
-    lab = labels.replace('', np.nan); rows = []
-    for att in attributes:
-        srcs = [s for s in LABEL_SOURCES if f'{att}_{s}' in lab] + sorted(c[len(att) + 1:] for c in lab if c.startswith(f'{att}_')
-                                                                          and c[len(att) + 1:] not in LABEL_SOURCES)
-        for i, a in enumerate(srcs):
-            for b in srcs[i + 1:]:
-                other = next((f'{o}_{a}' for o in attributes if o != att and f'{o}_{a}' in lab), None)
-                if other is None: continue   # a group by the attribute itself would hold one rater constant (κ = 0 by construction)
-                grp = lab.set_index('image_id')[other]
-                t = source_agreement(lab, att, a, b, groups=grp, n_boot=n_boot, seed=seed, alpha=alpha)
-                pairs = lab[['image_id', f'{att}_{a}', f'{att}_{b}']].dropna().astype(str)
-                rng = np.random.default_rng(seed); al, lo_, hi_ = [], [], []
-                for g in t.group:
-                    d = pairs if g == 'all' else pairs[pairs.image_id.map(grp) == g]
-                    x, y = d[f'{att}_{a}'].to_numpy(), d[f'{att}_{b}'].to_numpy()
-                    al.append(_alpha(x, y) if len(d) > 1 else np.nan)
-                    bs = [_alpha(x[j], y[j]) for j in (rng.integers(0, len(d), len(d)) for _ in range(min(n_boot, 200)))] if len(d) > 1 and n_boot else []
-                    bs = np.array([v for v in bs if np.isfinite(v)])
-                    lo_.append(np.quantile(bs, alpha/2) if len(bs) else np.nan); hi_.append(np.quantile(bs, 1 - alpha/2) if len(bs) else np.nan)
-                k = np.rint(t.agreement.fillna(0)*t.n).astype(int); wl, wh = wilson_interval(k, t.n.clip(lower=1), alpha)
-                rows.append(t.assign(agreement_low=wl, agreement_high=wh, krippendorff_alpha=al, alpha_low=lo_, alpha_high=hi_))
-    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+    stored = labels.attrs.get('label_agreement')
+    t = stored if attributes is None and isinstance(stored, pd.DataFrame) and len(stored) else \
+        sources_agreement(labels, attributes, n_boot=n_boot, seed=seed, alpha=alpha)
+    r = rater_rows(labels.attrs.get('rater_agreement'))
+    return pd.concat([x for x in (t, r) if len(x)], ignore_index=True) if len(t) or len(r) else pd.DataFrame()
 
 # %% ../../nbs/api/59_report.datafacts.ipynb #d5a34049
 def drop_rates_table(manifests:pd.DataFrame|None, # concatenated manifests (`image_id`, `variant`, `status`)
@@ -74,6 +59,12 @@ def agreement_sentences(t:pd.DataFrame)->list[str]:
     "One sentence per attribute and source pair: κ overall and per group, with intervals."
     out = []
     for (att, a, b), g in (t.groupby(['attribute', 'source_a', 'source_b'], sort=False) if len(t) else []):
+        if b == '(raters)':
+            part = '; '.join(f"{r.group}: α = {r.krippendorff_alpha:.2f} [{r.alpha_low:.2f}, {r.alpha_high:.2f}], Fleiss' κ = "
+                             f"{r.fleiss_kappa:.2f} [{r.fleiss_low:.2f}, {r.fleiss_high:.2f}] (n = {int(r.n)} images)" for r in g.itertuples())
+            by = g.group_by.iloc[0] if isinstance(g.group_by.iloc[0], str) and g.group_by.iloc[0] else None
+            out.append(f"Raters' agreement on {att} behind the {a} labels (Krippendorff's α, per group{' of ' + by if by else ''}): {part}.")
+            continue
         part = '; '.join(f"{r.group}: κ = {r.cohen_kappa:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}], α = {r.krippendorff_alpha:.2f}, "
                          f"{r.agreement:.1%} agree (n = {int(r.n)})" for r in g.itertuples())
         out.append(f'{att.capitalize()} labels of {a} and {b} (groups as {a} labels the other attribute): {part}.')

@@ -11,14 +11,16 @@ from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
 from ..core import UserError, stable_hash, read_json
 from ..faces.preprocess import FaceOptions
-from ..labels.tables import LabelSpec, load_labels
+from ..labels.tables import LabelSpec, load_labels, get_task
+from .sources import (TABLE_KEYS, LABELS_KEYS, SOURCE_KEYS, parse_sources, study_table, check_source_name,
+                                       check_class_name)
 from ..train.archs import PHASE1_ARCHS, PHASE2_ARCHS, get_arch
 
 # %% auto #0
 __all__ = ['TASKS', 'THATCHERS', 'SAMPLINGS', 'INVERTS', 'PRECISIONS', 'BUILTIN_GRIDS', 'EXECUTOR_OPTIONS',
-           'RUNTIME_PREPROCESS_OPTIONS', 'RunConfig', 'expand_grid', 'StudyData', 'StudyFile', 'check_executor_options',
-           'load_study', 'study_labels', 'manifest_path', 'preprocess_options', 'variant_options', 'check_variant',
-           'shipped_studies']
+           'RUNTIME_PREPROCESS_OPTIONS', 'STUDY_KEYS', 'DATA_KEYS', 'TASK_KEYS', 'RunConfig', 'expand_grid',
+           'StudyData', 'StudyFile', 'check_executor_options', 'check_tasks', 'load_study', 'study_file_keys',
+           'study_labels', 'manifest_path', 'preprocess_options', 'variant_options', 'check_variant', 'shipped_studies']
 
 # %% ../../nbs/api/34_study.config.ipynb #0202cba6
 TASKS = ('race2', 'race_eth4')   # the seed's tasks; others: `labels.TASK_PRESETS` or the study file's `tasks:`
@@ -121,13 +123,15 @@ def expand_grid(grid:dict|str|list, # axes {field: [values]}, a built-in name, {
 @dataclass(frozen=True)
 class StudyData:
     "Where a study's data are (absolute paths) and how to read the label table."
-    labels_table:str # the label CSV
-    label_spec:dict # `labels.LabelSpec` fields (columns, id, path, person, values)
+    labels_table:str # the label CSV (without one: the first FairFace/UTKFace source's file)
+    label_spec:dict # `labels.LabelSpec` fields of the table (columns, id, path, person, values) and `sources` (`study.sources.parse_sources`)
     images:str # images root
     preprocessed:str # preprocessing output root
     preprocess:dict=field(default_factory=dict) # options for `faces.preprocess` (size, workers, …)
     truth:str|None=None # a synth benchmark folder with truth.json
     tasks:dict=field(default_factory=dict) # the study file's own tasks {name: {attributes, classes, …}} (`labels.get_task`)
+    @property
+    def sources(self)->dict: return dict(self.label_spec.get('sources') or {})   # the FairFace/UTKFace/votes sources
 
 @dataclass(frozen=True)
 class StudyFile:
@@ -162,10 +166,74 @@ def check_executor_options(opts:dict, # executor options (a study file's `execut
 
 def _abs(base:Path, p)->str|None: return None if p is None else str((base/str(p)).resolve()) if not Path(str(p)).is_absolute() else str(p)
 
+RUNTIME_PREPROCESS_OPTIONS = ('workers', 'progress', 'shard', 'batch_size', 'device', 'private')   # how, not what: not in any hash
+STUDY_KEYS = ('name', 'description', 'data', 'tasks', 'train', 'grid', 'runs', 'executor')
+DATA_KEYS = ('labels', 'images', 'preprocessed', 'preprocess', 'truth')
+TASK_KEYS = ('attributes', 'classes', 'merge', 'drop')
+_SOURCE_ATTRS = {'fairface': ('race', 'ethnicity', 'gender', 'age'), 'utkface': ('race', 'gender', 'age')}   # votes: what was voted on
+
+def _mapping(v, where:str)->dict:
+    if v is None: return {}
+    if not isinstance(v, dict): raise UserError(f'{where} must be a mapping, not {type(v).__name__} {v!r}'[:200])
+    return dict(v)
+
+def _unknown(d:dict, known, where:str)->None:
+    bad = sorted(map(str, set(d) - set(known)))
+    if bad: raise UserError(f'unknown key(s) {bad} in {where}; known: {sorted(known)}')
+
+def check_tasks(tasks:dict)->dict:
+    "The study file's `tasks:` section if every entry has the known keys, attributes and classes (no `/` in a class name)."
+    out = {}
+    for name, t in _mapping(tasks, 'tasks').items():
+        if not isinstance(name, str) or not _NAME.fullmatch(name): raise UserError(f'tasks: task name {name!r} must be letters, digits, "_", ".", "+" or "-"')
+        t = _mapping(t, f'tasks.{name}'); _unknown(t, TASK_KEYS, f'tasks.{name}')
+        for k in ('attributes', 'classes'):
+            v = t.get(k)
+            if not isinstance(v, list) or not v or not all(isinstance(x, str) for x in v): raise UserError(f'tasks.{name}.{k} must be a non-empty list of names, not {v!r}')
+        for c in t['classes']: check_class_name(c, f'tasks.{name}.classes')
+        if 'merge' in t:
+            m = _mapping(t['merge'], f'tasks.{name}.merge')
+            for new, old in m.items():
+                check_class_name(new, f'tasks.{name}.merge')
+                if not isinstance(old, list) or not all(isinstance(x, str) for x in old): raise UserError(f'tasks.{name}.merge.{new} must be a list of values merged into it, not {old!r}')
+        if 'drop' in t and (not isinstance(t['drop'], list) or not all(isinstance(x, str) for x in t['drop'])): raise UserError(f'tasks.{name}.drop must be a list of values, not {t["drop"]!r}')
+        out[name] = t
+    return out
+
+def _label_section(lab:dict, base:Path)->tuple:
+    "(table path or None, table spec, sources, {source: attributes or None}) of `data.labels`."
+    _unknown(lab, LABELS_KEYS, 'data.labels')
+    spec = {k: v for k, v in lab.items() if k in TABLE_KEYS and k != 'table'}
+    if ('table' in lab) != ('columns' in lab): raise UserError('data.labels: `table:` (the label CSV) and `columns: {source: {attribute: column}}` go together')
+    attrs = {}
+    if 'table' in lab:
+        cols = _mapping(lab['columns'], 'data.labels.columns')
+        for s, m in cols.items():
+            check_source_name(s, 'data.labels.columns'); attrs[s] = tuple(_mapping(m, f'data.labels.columns.{s}'))
+        for a, mp in _mapping(spec.get('values'), 'data.labels.values').items():
+            for x in _mapping(mp, f'data.labels.values.{a}').values(): check_class_name(str(x), f'data.labels.values.{a}')
+        for a, vs in _mapping(spec.get('categories'), 'data.labels.categories').items():
+            for x in (vs or []): check_class_name(str(x), f'data.labels.categories.{a}')
+        LabelSpec.from_dict(spec)   # validates the mapping now, not in the middle of the grid
+    sources = parse_sources(lab, base)
+    for s, e in sources.items():
+        if s in attrs: raise UserError(f'data.labels: label source {s!r} is named twice (in columns: and by {e["kind"]}:)')
+        attrs[s] = _SOURCE_ATTRS.get(e['kind'])
+    if not attrs: raise UserError('data.labels needs `table:` + `columns:` (the label CSV), or a `fairface:`, `utkface:` or `votes:` source')
+    if all(e['kind'] == 'votes' for e in sources.values()) and 'table' not in lab:
+        raise UserError('data.labels: votes alone have no image paths; add a `table:`, `fairface:` or `utkface:` source')
+    files = [e['path'] for e in sources.values() if e['kind'] != 'utkface']   # a file to fingerprint, where there is one
+    table = _abs(base, lab['table']) if 'table' in lab else (files or [e['path'] for e in sources.values()])[0]
+    return table, ({**spec, 'sources': sources} if sources else spec), attrs
+
+def _check_preprocess(pp:dict)->dict:
+    _unknown(pp, [f.name for f in fields(FaceOptions) if f.name != 'variant'] + list(RUNTIME_PREPROCESS_OPTIONS), 'data.preprocess')
+    return pp
+
 def load_study(study, # a YAML path, or the parsed dict
                base_dir=None # folder relative paths refer to (default: the file's folder, or cwd)
               )->StudyFile:
-    "Parse and check a study file."
+    "Parse and check a study file: every key known, names valid, every run's task and label source known (one-line `UserError`s)."
     if isinstance(study, StudyFile): return study
     if isinstance(study, (str, Path)):
         p = Path(study)
@@ -175,33 +243,53 @@ def load_study(study, # a YAML path, or the parsed dict
         except yaml.YAMLError as e: raise UserError(f'{p}: not valid YAML ({str(e).splitlines()[0]})') from None
         base = Path(base_dir or p.parent)
     else: d, base = dict(study), Path(base_dir or '.')
-    bad = set(d) - {'name', 'data', 'train', 'grid', 'runs', 'executor', 'description'}
-    if bad: raise UserError(f'unknown study section(s) {sorted(bad)}')
+    d = _mapping(d, 'the study file')
+    _unknown(d, STUDY_KEYS, 'the study file (top level)')
     for k in ('data', 'grid'):
         if k not in d: raise UserError(f'the study file needs a `{k}:` section')
-    dd = dict(d['data']); lab = dict(dd.get('labels') or {})
-    if 'table' not in lab: raise UserError('data.labels needs `table:` (the label CSV)')
-    for k in ('images', 'preprocessed'):
+    dd = _mapping(d['data'], 'data'); _unknown(dd, DATA_KEYS, 'data')
+    for k in ('labels', 'images', 'preprocessed'):
         if k not in dd: raise UserError(f'data needs `{k}:`')
-    spec = {k: v for k, v in lab.items() if k not in ('table', 'votes', 'images')}
-    LabelSpec.from_dict(spec)   # validates the mapping now, not in the middle of the grid
-    data = StudyData(_abs(base, lab['table']), spec, _abs(base, dd['images']), _abs(base, dd['preprocessed']),
-                     dict(dd.get('preprocess') or {}), _abs(base, dd.get('truth')))
-    runs = tuple(expand_grid(d['grid'], **dict(d.get('train') or {})))
+    table, spec, attrs = _label_section(_mapping(dd['labels'], 'data.labels'), base)
+    tasks = check_tasks(d.get('tasks'))
+    data = StudyData(table, spec, _abs(base, dd['images']), _abs(base, dd['preprocessed']),
+                     _check_preprocess(_mapping(dd.get('preprocess'), 'data.preprocess')), _abs(base, dd.get('truth')), tasks)
+    train, grid = _mapping(d.get('train'), 'train'), d['grid']
+    if isinstance(grid, (list, tuple)) and len(grid) > 1:   # name the grid that is wrong
+        for i, g in enumerate(grid):
+            try: expand_grid(g, **train)
+            except UserError as e: raise UserError(f'grid {i + 1} of {len(grid)}: {e}') from None
+    elif not isinstance(grid, (dict, str, list, tuple)): raise UserError(f'grid must be a mapping of axes, a built-in name or a list of them, not {grid!r}')
+    runs = tuple(expand_grid(grid, **train))
+    for r in runs:
+        if r.label_source not in attrs:
+            raise UserError(f'run {r.name}: label source {r.label_source!r} is not a source of this study ({", ".join(attrs)})')
+        task = get_task(r.task, r.label_source, tasks)
+        have = attrs[r.label_source]
+        miss = [a for a in task.attributes if have is not None and a not in have]
+        if miss: raise UserError(f'run {r.name}: task {r.task} needs attribute(s) {miss} that label source {r.label_source!r} does not label (it has {list(have)})')
     ex = d.get('executor') or {}
     ex = check_executor_options(dict(ex) if isinstance(ex, dict) else {'name': ex}, 'the study file')
     return StudyFile(str(d.get('name', 'study')), data, runs, _abs(base, d.get('runs', 'runs')), ex)
 
-# %% ../../nbs/api/34_study.config.ipynb #ceaa5d31
+def study_file_keys()->set:
+    "Every key a study file may hold, dotted (`data.labels.votes.tie`; `tasks.<name>.classes`): what `load_study` accepts."
+    k = set(STUDY_KEYS) | {f'data.{x}' for x in DATA_KEYS} | {f'data.labels.{x}' for x in LABELS_KEYS}
+    k |= {f'data.labels.{kind}.{x}' for kind, ks in SOURCE_KEYS.items() for x in ks}
+    k |= {f'data.preprocess.{f.name}' for f in fields(FaceOptions) if f.name != 'variant'} | {f'data.preprocess.{x}' for x in RUNTIME_PREPROCESS_OPTIONS}
+    k |= {f'tasks.<name>.{x}' for x in TASK_KEYS} | {f'train.{f}' for f in _FIELDS} | {'grid.builtin'} | {f'executor.{x}' for x in EXECUTOR_OPTIONS}
+    return k
+
+# %% ../../nbs/api/34_study.config.ipynb #e194e0b8
 def study_labels(data:StudyData)->"pd.DataFrame":
     "The study's tidy label table (`image_id, path, person_id, <attribute>_<source> …`): the one way stages read labels."
-    return load_labels(data.labels_table, LabelSpec.from_dict(data.label_spec))
+    return study_table(data)
+
 
 
 # %% ../../nbs/api/34_study.config.ipynb #5b3f3b93
 def manifest_path(data:StudyData, variant:str)->Path: return Path(data.preprocessed)/variant/'manifest.csv'
 
-RUNTIME_PREPROCESS_OPTIONS = ('workers', 'progress', 'shard', 'batch_size', 'device', 'private')   # how, not what: not in any hash
 
 def preprocess_options(data:StudyData, variant:str)->dict:
     "The `faces.FaceOptions` (as JSON) the study asks for `variant`: everything that decides the crops."
@@ -232,4 +320,3 @@ def shipped_studies()->dict:
     "The study files that ship with the package (`mugshotrace/studies/*.yaml`), by name."
     d = Path(__file__).resolve().parent.parent/'studies'
     return {p.stem: p for p in sorted(d.glob('*.yaml'))} if d.is_dir() else {}
-

@@ -13,6 +13,7 @@ import pandas as pd
 from fastcore.basics import patch
 from ..core import UserError, RunPaths, read_json, read_study_record, STUDY_RECORD
 from ..faces.manifest import load_manifest
+from .sources import LABELS_DIR, AGREEMENT_FILES
 
 # %% auto #0
 __all__ = ['Scenario', 'Run', 'Study', 'find_runs']
@@ -181,9 +182,24 @@ class Study:
     def manifest(self, variant:str)->pd.DataFrame:
         "The preprocessing manifest of `variant` (absolute `file` column)."
         return load_manifest(self.preprocessed, variant)
+    def _labels_file(self, what:str)->Path: return self.path/LABELS_DIR/AGREEMENT_FILES[what]
     def labels(self)->pd.DataFrame:
-        "The study's label table as written (ids as strings)."
-        return pd.read_csv(self.labels_table, dtype={'image_id': str})
+        "The study's tidy label table as built (`<study>/labels/labels.csv`; older studies: the label table), ids as strings; the stored agreement in `.attrs`."
+        f = self._labels_file('labels')
+        if not f.is_file(): return pd.read_csv(self.labels_table, dtype={'image_id': str})
+        t = pd.read_csv(f, dtype={'image_id': str, 'person_id': str, 'path': str})
+        t.attrs.update(label_agreement=self.label_agreement(), rater_agreement=self.rater_agreement())
+        return t
+    def label_agreement(self)->pd.DataFrame:
+        "Agreement between the study's label sources per attribute and group (`study.sources.sources_agreement`), as stored when it was built; empty if none."
+        f = self._labels_file('agreement')
+        try: return pd.read_csv(f) if f.is_file() else pd.DataFrame()
+        except pd.errors.EmptyDataError: return pd.DataFrame()
+    def rater_agreement(self)->pd.DataFrame:
+        "Agreement among the raters behind each consensus source per attribute and group (`study.sources.raters_agreement`); empty if none."
+        f = self._labels_file('raters')
+        try: return pd.read_csv(f) if f.is_file() else pd.DataFrame()
+        except pd.errors.EmptyDataError: return pd.DataFrame()
 
 # %% ../../nbs/api/37_study.folder.ipynb #be4630b7
 def find_runs(root, # a study folder, a folder of run folders, or one run folder

@@ -20,6 +20,7 @@ from .config import (RunConfig, StudyData, StudyFile, load_study, expand_grid, c
 from .runner import run_one, acquire_lock, release_lock, read_state, set_state, write_config, launcher_rank
 from .folder import find_runs
 from .slurm import SubmititRun, submit_slurm_array
+from .sources import write_study_labels
 
 # %% auto #0
 __all__ = ['prepare_variants', 'fingerprint_configs', 'select_runs', 'run_grid', 'GridConfig', 'GridResult', 'run', 'runs_frame',
@@ -162,6 +163,7 @@ def run_grid(study_or_configs, # a study file/dict/`StudyFile`, or a list of Run
     if st is not None:   # the study folder holds the runs folder: record what data it is built from (synthetic or not)
         write_study_record(Path(runs_root).resolve().parent, st.name, data.labels_table, data.images, data.preprocessed,
                            runs=str(Path(runs_root).resolve()), preprocess={v: check_variant(data, v) for v in dict.fromkeys(c.variant for c in configs)})
+        write_study_labels(Path(runs_root).resolve().parent, data)   # the tidy labels and the agreement of sources and raters
     todo = []
     for c in configs:
         s = read_state(runs_root, c.run_id)
