@@ -192,7 +192,7 @@ class GridConfig:
     force_resume:bool=False # resume a checkpoint made on another device type or precision (results then differ from an uninterrupted run)
     array_parallelism:int|None=None # SLURM: at most this many runs of the job array at a time; None: the study file's, else all
     data:str|None=None # the data folder the study's relative paths resolve against (needed for a shipped study); None: the study file's folder
-    labels_spec:str|None=None # a YAML file whose `labels:` section replaces the study's (your label table's column mapping)
+    labels_spec:str|None=None # a YAML file whose `labels:` section (your table's column mapping) replaces the study's; optional `images:` folder
     train:tuple=() # 'KEY=VALUE' overrides of the study's `train:` recipe, e.g. 'epochs=10' (other values make other runs)
     def __post_init__(self):
         if self.executor not in (None, 'local', 'submitit'): raise UserError(f"executor must be 'local' or 'submitit', not {self.executor!r}")
@@ -220,7 +220,7 @@ def run(source, # a study file (path), a shipped study's name (with `cfg.data`),
     "Train and evaluate every pending run of a study (resumably); the runs' states."
     st = resolve_study(source, cfg.data, cfg.labels_spec, cfg.train)
     out = Path(out or st.runs_root)
-    if progress: print(f'study {st.name}: {len(st.runs)} run(s); runs folder {out}', file=sys.stderr)
+    print(f'study {st.name}: {len(st.runs)} run(s); runs folder {out}', file=sys.stderr)
     df = run_grid(st, runs_root=out, executor=cfg.executor, workers=cfg.workers, only=cfg.only, retry_failed=cfg.retry_failed,
                   executor_opts={**({'cluster': cfg.cluster} if cfg.cluster else {}),
                                  **({'slurm_array_parallelism': cfg.array_parallelism} if cfg.array_parallelism else {})},

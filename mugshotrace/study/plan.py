@@ -81,9 +81,10 @@ def resolve_study(study, # a study file, a shipped study's name (`shipped_studie
         lp = Path(labels_spec)
         if not lp.is_file(): raise UserError(f'labels spec not found: {lp}')
         ls = _read_yaml(lp)
-        if set(ls) != {'labels'} or not isinstance(ls['labels'], dict):
-            raise UserError(f'{lp}: a labels spec holds one `labels:` section (table, columns, id, path, person, values), not {sorted(ls)}')
-        d['data'] = {**dict(d.get('data') or {}), 'labels': ls['labels']}
+        if not isinstance(ls.get('labels'), dict) or set(ls) - {'labels', 'images'}:
+            raise UserError(f'{lp}: a labels spec holds one `labels:` section (table, columns, id, path, person, values) and '
+                            f'optionally `images:` (the folder the table\'s paths are relative to), not {sorted(ls)}')
+        d['data'] = {**dict(d.get('data') or {}), 'labels': ls['labels'], **({'images': ls['images']} if 'images' in ls else {})}
     if train: d['train'] = {**dict(d.get('train') or {}), **_train_overrides(train, grid_axes(d.get('grid') or {}))}
     return load_study(d, base_dir=base)
 
@@ -212,20 +213,21 @@ def plan_runs(st:StudyFile, # the resolved study
 
 def format_plan(res:PlanResult, name:str='')->str:
     "The dry run as text: one line per run, the counts, the work left and the notes."
-    df = res.frame
-    show = pd.DataFrame({'name': df.name, 'run_id': df.run_id.fillna('-'), 'state': df.state,
-                         'train/valid/test': [f'{a}/{b}/{c}' if a is not None else '-' for a, b, c in zip(df.n_train, df.n_valid, df.n_test)],
-                         'GFLOP/img': [f'{g:.3g}' if g == g and g is not None else '-' for g in df.gflops_image],
-                         'PFLOP': [f'{p:.3g}' if p == p and p is not None else '-' for p in df.pflop],
-                         'H200 min': [f'{h / 60:.3g}' if h == h and h is not None else '-' for h in df.h200_s]})
-    w = res.work
+    rs = list(res.runs); w = max(len(r['name']) for r in rs)
+    fmt = lambda v, f='{:.3g}': '-' if v is None else f.format(v)
+    show = pd.DataFrame({'name': [r['name'].ljust(w) for r in rs], 'run_id': [r['run_id'] or '-' for r in rs],
+                         'state': [r['state'] for r in rs],
+                         'train/valid/test': ['-' if r['n_train'] is None else f"{r['n_train']}/{r['n_valid']}/{r['n_test']}" for r in rs],
+                         'GFLOP/img': [fmt(r['gflops_image']) for r in rs], 'PFLOP': [fmt(r['pflop']) for r in rs],
+                         'H200 min': [fmt(None if r['h200_s'] is None else r['h200_s'] / 60) for r in rs]})
+    tot = res.work
     lines = [f'{name + ": " if name else ""}{res.n_runs} run(s); runs folder {res.out}', show.to_string(index=False), '',
              f'{res.n_runs} run(s): {res.n_done} done, {res.n_failed} failed, {res.n_todo} to run',
-             (f"work to run: {w['forward_equivalents'] / 1e6:.3g} M forward-equivalents, {w['pflop']:.3g} PFLOP, "
-              f"about {w['h200_hours']:.3g} h on one H200 (training rates and warm-ups measured in bench/phase2_plan.md §3; "
+             (f"work to run: {tot['forward_equivalents'] / 1e6:.3g} M forward-equivalents, {tot['pflop']:.3g} PFLOP, "
+              f"about {tot['h200_hours']:.3g} h on one H200 (training rates and warm-ups measured in bench/phase2_plan.md §3; "
               'predictions assumed at 3x the training rate; model building, saving and process start not counted)'
-              + (f"; {w['runs_without_estimate']} run(s) without an estimate (see the notes)" if w['runs_without_estimate'] else '')
-              if w['runs_without_estimate'] < res.n_todo else
+              + (f"; {tot['runs_without_estimate']} run(s) without an estimate (see the notes)" if tot['runs_without_estimate'] else '')
+              if tot['runs_without_estimate'] < res.n_todo else
               f"work to run: no estimate for the {res.n_todo} run(s) to run (see the notes)" if res.n_todo else 'work to run: none')]
     lines += [f'note: {n}' for n in res.notes]
     lines.append('dry run: nothing was preprocessed, trained or written')
