@@ -105,6 +105,7 @@ def test_shipped_study_runs_on_the_data_folder_then_counts_as_done(bench, capsys
     rc, out, err = _cli(capsys, 'run', 'phase2', '--data', bench, *only, *tiny, '--no-progress')
     assert rc == 0, err
     runs = bench/'phase2'/'runs'
+    assert f'runs folder {runs}' in err                          # says where the runs go
     done = [p for p in runs.iterdir() if (p/'metrics.json').exists()]
     assert len(done) == 1 and (bench/'faces'/'resized'/'manifest.csv').exists() and (bench/'phase2'/'study.json').exists()
     cfg = yaml.safe_load((done[0]/'config.json').read_text())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-import pandas as pd
+import pandas as pd, yaml
 from ..core import UserError
 from .config import (RunConfig, StudyData, StudyFile, BUILTIN_GRIDS, load_study, shipped_studies,
                                       study_labels)
@@ -27,7 +27,6 @@ __all__ = ['ARCH_GFLOPS', 'H200_TRAIN', 'ASSUMED_TFLOPS', 'ASSUMED_WARMUP_S', 'P
 
 # %% ../../nbs/api/35_study.plan.ipynb #5a13124a
 def _read_yaml(p:Path)->dict:
-    import yaml
     try: d = yaml.safe_load(Path(p).read_text(encoding='utf-8'))
     except yaml.YAMLError as e: raise UserError(f'{p}: not valid YAML ({str(e).splitlines()[0]})') from None
     if d is not None and not isinstance(d, dict): raise UserError(f'{p}: not a mapping of sections')
@@ -44,7 +43,6 @@ def grid_axes(grid)->set:
 
 def _train_overrides(train, axes:set)->dict:
     "{key: value} from 'KEY=VALUE' strings (values parsed as YAML scalars); grid axes refused."
-    import yaml
     out = {}
     for s in train:
         k, eq, v = str(s).partition('=')
