@@ -7,6 +7,7 @@ Docs: https://mugshotrace.github.io/mugshotrace/api/demo.html.md"""
 # %% ../nbs/api/65_demo.ipynb #b95730d1
 from __future__ import annotations
 import sys, time
+import yaml
 from dataclasses import dataclass, asdict, field, replace
 from pathlib import Path
 import pandas as pd
@@ -14,6 +15,7 @@ from .core import UserError, write_text, write_json, read_json, write_csv
 from .config import add_common_arguments
 from .vocab import subgroup_code
 from .synth.benchmark import SynthConfig, synth
+from .study.config import shipped_studies
 from .study.folder import find_runs
 from .study.grid import run_grid
 from .audit.selfaudit import audit, AuditConfig
@@ -56,20 +58,16 @@ def demo_study(cfg:DemoConfig, # the demo configuration
                bench:Path, # the benchmark folder (`synth` output)
                out:Path # the study folder
               )->dict:
-    "The study-file dict of the demo's grid over the benchmark in `bench`."
-    cols = {s: {'race': f'race_{s}', 'ethnicity': f'ethnicity_{s}'} for s in ('court', 'student')}
-    return {
-        'name': 'mugshotrace-demo',
-        'description': 'CPU-scale grid on the semi-synthetic benchmark with injected court-label noise for BH.',
-        'data': {'labels': {'table': str(bench/'labels.csv'), 'columns': cols, 'id': 'image_id', 'path': 'path', 'person': 'person_id'},
-                 'images': str(bench), 'preprocessed': str(out/'faces'), 'truth': str(bench),
-                 'preprocess': {'size': cfg.size}},
-        'grid': {'arch': list(cfg.archs), 'variant': list(cfg.variants), 'label_source': list(cfg.label_sources)},
-        'train': {'task': 'race2', 'sampling': 'balanced', 'init': 'random', 'epochs': cfg.epochs, 'size': cfg.size,
-                  'bs': 32, 'lr': cfg.lr, 'seed': cfg.seed, 'n_per_class': cfg.n_per_class, 'test_share': cfg.test_share, 'aug': True},
-        'runs': str(out/'runs'),
-        'executor': {'name': 'local', 'workers': 1},
-    }
+    "The study-file dict of the demo's grid over the benchmark in `bench`: the shipped `studies/demo.yaml`, this demo's paths, `cfg`'s grid and recipe."
+    d = yaml.safe_load(shipped_studies()['demo'].read_text(encoding='utf-8'))
+    bench, out, data = Path(bench), Path(out), d['data']
+    data.update(labels={**data['labels'], 'table': str(bench/'labels.csv')}, images=str(bench), preprocessed=str(out/'faces'),
+                truth=str(bench), preprocess={**data['preprocess'], 'size': cfg.size})
+    d['grid'] = {'arch': list(cfg.archs), 'variant': list(cfg.variants), 'label_source': list(cfg.label_sources)}
+    d['train'] = {**d['train'], 'epochs': cfg.epochs, 'size': cfg.size, 'lr': cfg.lr, 'seed': cfg.seed, 'n_per_class': cfg.n_per_class,
+                  'test_share': cfg.test_share}
+    d['runs'] = str(out/'runs')
+    return d
 
 # %% ../nbs/api/65_demo.ipynb #58a2de4e
 def _log(t0:float, msg:str): print(f'[demo {time.time() - t0:5.0f}s] {msg}', file=sys.stderr, flush=True)

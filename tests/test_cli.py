@@ -20,6 +20,8 @@ def test_every_subcommand_has_help(cmd):
     ('synth', ['--out', '{tmp}/s', '--people', '0']),
     ('preprocess', ['--images', '{tmp}/nope', '--table', '{tmp}/nope.csv', '--variant', 'resized', '--out', '{tmp}/o']),
     ('run', ['{tmp}/missing.yaml']),
+    ('run', ['phase2']),                       # a shipped study needs --data DIR
+    ('run', ['phase2', '--data', '{tmp}', '--dry-run', '--train', 'epochs']),
     ('audit', ['{tmp}/no_runs']),
     ('explain', ['{tmp}/no_runs']),
     ('label', ['{tmp}/no_model', '--images', '{tmp}/no_images', '--out', '{tmp}/x.csv']),

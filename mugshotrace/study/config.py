@@ -87,9 +87,11 @@ class RunConfig:
     def from_dict(cls, d:dict)->RunConfig: return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 # %% ../../nbs/api/34_study.config.ipynb #8c5f64a7
+# the seed's grids; its 'original' images are originals resized to 299 (our `resized`). `phase1` is the balanced
+# 2-class part (28 runs) of the shipped 84-run `studies/phase1.yaml`; `phase2` is `studies/phase2.yaml` (42 runs)
 BUILTIN_GRIDS = {
-    'phase1': {'arch': PHASE1_ARCHS, 'variant': ('original', 'openface'), 'label_source': ('court', 'student')},
-    'phase2': {'arch': PHASE2_ARCHS, 'variant': ('original', 'openface', 'mtcnn'), 'label_source': ('court', 'student')},
+    'phase1': {'arch': PHASE1_ARCHS, 'variant': ('resized', 'openface'), 'label_source': ('court', 'student')},
+    'phase2': {'arch': PHASE2_ARCHS, 'variant': ('resized', 'openface', 'mtcnn'), 'label_source': ('court', 'student')},
 }
 _FIELDS = {f.name for f in fields(RunConfig)}
 

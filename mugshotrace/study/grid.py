@@ -7,7 +7,7 @@ Docs: https://mugshotrace.github.io/mugshotrace/api/study.grid.html.md"""
 
 # %% ../../nbs/api/35_study.grid.ipynb #f82a939a
 from __future__ import annotations
-import fnmatch, os, sys
+import argparse, fnmatch, os, sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 import pandas as pd
@@ -21,10 +21,11 @@ from .runner import run_one, acquire_lock, release_lock, read_state, set_state, 
 from .folder import find_runs
 from .slurm import SubmititRun, submit_slurm_array
 from .sources import write_study_labels
+from .plan import resolve_study, list_studies, run_work, PlanResult, plan_runs, format_plan
 
 # %% auto #0
 __all__ = ['prepare_variants', 'fingerprint_configs', 'select_runs', 'run_grid', 'GridConfig', 'GridResult', 'run', 'runs_frame',
-           'results_table', 'add_run_parser']
+           'results_table', 'dry_run', 'add_run_parser']
 
 # %% ../../nbs/api/35_study.grid.ipynb #33af34ce
 def prepare_variants(data:StudyData, # the study's data
@@ -192,10 +193,14 @@ class GridConfig:
     setup_commands:tuple=() # shell lines run before each submitit job, e.g. 'module load cuda'; never from a study file
     force_resume:bool=False # resume a checkpoint made on another device type or precision (results then differ from an uninterrupted run)
     array_parallelism:int|None=None # SLURM: at most this many runs of the job array at a time; None: the study file's, else all
+    data:str|None=None # the data folder the study's relative paths resolve against (needed for a shipped study); None: the study file's folder
+    labels_spec:str|None=None # a YAML file whose `labels:` section (your table's column mapping) replaces the study's; optional `images:` folder
+    train:tuple=() # 'KEY=VALUE' overrides of the study's `train:` recipe, e.g. 'epochs=10' (other values make other runs)
     def __post_init__(self):
         if self.executor not in (None, 'local', 'submitit'): raise UserError(f"executor must be 'local' or 'submitit', not {self.executor!r}")
         if self.cluster not in (None, 'slurm', 'local', 'debug'): raise UserError(f"cluster must be 'slurm', 'local' or 'debug', not {self.cluster!r}")
         object.__setattr__(self, 'setup_commands', tuple(str(c) for c in ([self.setup_commands] if isinstance(self.setup_commands, str) else self.setup_commands or ())))
+        object.__setattr__(self, 'train', tuple(str(c) for c in ([self.train] if isinstance(self.train, str) else self.train or ())))
 
 @dataclass(frozen=True)
 class GridResult(ResultMixin):
@@ -209,14 +214,15 @@ class GridResult(ResultMixin):
     @property
     def frame(self)->pd.DataFrame: return pd.DataFrame(list(self.runs), columns=['run_id', 'name', 'state', 'error'])
 
-def run(source, # a study file (path), its parsed dict, or a `StudyFile`
+def run(source, # a study file (path), a shipped study's name (with `cfg.data`), its parsed dict, or a `StudyFile`
         out=None, # runs folder (default: the study's `runs:`)
         cfg:GridConfig=GridConfig(), # how to run the grid
         *, progress:bool=True # progress bars
        )->GridResult:
     "Train and evaluate every pending run of a study (resumably); the runs' states."
-    st = load_study(source)
+    st = resolve_study(source, cfg.data, cfg.labels_spec, cfg.train)
     out = Path(out or st.runs_root)
+    print(f'study {st.name}: {len(st.runs)} run(s); runs folder {out}', file=sys.stderr)
     df = run_grid(st, runs_root=out, executor=cfg.executor, workers=cfg.workers, only=cfg.only, retry_failed=cfg.retry_failed,
                   executor_opts={**({'cluster': cfg.cluster} if cfg.cluster else {}),
                                  **({'slurm_array_parallelism': cfg.array_parallelism} if cfg.array_parallelism else {})},
@@ -255,8 +261,45 @@ def results_table(runs_root, # folder of run folders
     return df.pivot_table(index=index, columns=list(columns), values=metric, aggfunc='mean')
 
 # %% ../../nbs/api/35_study.grid.ipynb #7f9751ff
+def _known_ids(configs, data:StudyData):
+    "{config: fingerprinted config, or None where its variant has no crops yet (the run id hashes them)}, and notes."
+    by_var, out, notes = {}, {}, []
+    for c in configs: by_var.setdefault(c.variant, []).append(c)
+    for v, cs in by_var.items():
+        if not manifest_path(data, v).exists():
+            notes.append(f'variant {v} is not preprocessed yet: the ids of its {len(cs)} run(s) are known once it is (they hash the crops)'); continue
+        try: out.update(zip(cs, fingerprint_configs(cs, data, prepare=False)))
+        except UserError as e: notes.append(f'variant {v}: {e}')
+    return {c: out.get(c) for c in configs}, notes
+
+def dry_run(source, # what `run` takes: a study file, a shipped study's name (with `cfg.data`), a dict or a `StudyFile`
+            out=None, # runs folder (default: the study's `runs:`)
+            cfg:GridConfig=GridConfig(), # the same options as `run` (`only`, `retry_failed`, `data`, `labels_spec`, `train`)
+            *, progress:bool=False # unused: nothing long runs
+           )->PlanResult:
+    "What `run` would do, without preprocessing, training or writing: the runs, their states, samples and estimated work."
+    st = resolve_study(source, cfg.data, cfg.labels_spec, cfg.train)
+    table = study_labels(st.data)                 # a missing table or a wrong mapping fails here, as the run would
+    sel = select_runs(st.runs, cfg.only)
+    fp, notes = _known_ids(sel or st.runs, st.data)
+    if not sel:                                   # --only may name run ids
+        sel = [c for c in st.runs if fp[c] is not None and select_runs([fp[c]], cfg.only)]
+        if not sel: raise UserError(f'no run matches --only {cfg.only!r}')
+    return plan_runs(st, {c: fp[c] for c in sel}, Path(out or st.runs_root), table, cfg.retry_failed, notes)
+
+# %% ../../nbs/api/35_study.grid.ipynb #52ec65fc
 def _run_cmd(args)->int:
+    if args.list_studies:
+        ls = list_studies()
+        print(ls[['name', 'runs', 'description']].to_string(index=False))
+        print('\nrun one on your data: mugshotrace run NAME --data DIR   (add --dry-run first: the runs, their work, what is done)')
+        if len(ls): print(f'the study files: {Path(ls.file.iloc[0]).parent}')
+        return 0
+    if not args.study: raise UserError('give a study file or a shipped study name (mugshotrace run --list-studies lists them)')
     cfg = config_from_args(GridConfig, args, setup_commands=tuple(args.setup_command or ()))
+    if args.dry_run:
+        print(format_plan(dry_run(args.study, args.out, cfg), str(args.study)))
+        return 0
     res = run(args.study, args.out, cfg, progress=args.progress)
     if launcher_rank() > 0: return 0          # a non-zero rank of a distributed launch: rank 0 reports
     df = res.frame
@@ -271,19 +314,36 @@ def _run_cmd(args)->int:
     return 1 if len(failed) + len(other) else 0
 
 _CHOICES = {'executor': ('local', 'submitit'), 'cluster': ('slurm', 'local', 'debug')}
-_METAVARS = {'only': 'PATTERN'}
+_METAVARS = {'only': 'PATTERN', 'data': 'DIR', 'labels_spec': 'FILE.yaml'}
+
+class _AppendTuple(argparse.Action):
+    "Repeatable flag collected into a tuple (the config's type and default)."
+    def __call__(self, parser, ns, values, option_string=None): setattr(ns, self.dest, tuple(getattr(ns, self.dest) or ()) + (values,))
 
 def add_run_parser(subparsers)->None:
-    "Add `mugshotrace run STUDY.yaml …` to the CLI (flags from `GridConfig`)."
-    p = subparsers.add_parser('run', help='train and evaluate the grid of models a study file describes (resumable)',
+    "Add `mugshotrace run STUDY …` to the CLI (flags from `GridConfig`)."
+    p = subparsers.add_parser('run', help='train and evaluate the grid of models a study file or shipped study describes (resumable)',
         description='Train and evaluate every run of a study file into runs/<run_id>/ (state, heartbeat, lock, '
                     'predictions, metrics, model bundle, environment). Finished runs are skipped; re-run the same '
                     'command after an interruption to resume: training continues after the last finished epoch, '
                     'bit-identical to an uninterrupted run on the CPU; on a GPU the same epochs and recipe, with '
                     'results equal within the nondeterminism of GPU kernels (a resume on another device type or '
-                    'precision is refused unless --force-resume). Exits 1 when any selected run is not done.')
-    p.add_argument('study', help='the study file (YAML): data, train, grid, runs, executor sections')
-    add_config_arguments(p, GridConfig, exclude=('setup_commands',))
+                    'precision is refused unless --force-resume). Exits 1 when any selected run is not done. '
+                    'Shipped studies (--list-studies) run by name on your data: mugshotrace run phase2 --data DIR reads '
+                    'DIR/labels.csv (the benchmark layout: image_id, path, person_id, race_court, ethnicity_court, '
+                    'race_student, ethnicity_student; another layout: --labels-spec FILE.yaml with a labels: section), '
+                    'writes crops to DIR/faces and runs to DIR/<study>/runs (--out to move them).')
+    p.add_argument('study', nargs='?', default=None,
+                   help='the study file (YAML: data, train, grid, runs, executor sections), or the name of a shipped study '
+                        '(phase1, phase2, demo: see --list-studies) run on the data folder --data DIR')
+    add_config_arguments(p, GridConfig, exclude=('setup_commands', 'train'))
+    p.add_argument('--train', action=_AppendTuple, default=(), metavar='KEY=VALUE',
+                   help="override a key of the study's train: recipe, e.g. --train epochs=10 (repeatable; grid axes "
+                        "cannot be overridden: select runs with --only)")
+    p.add_argument('--dry-run', action='store_true', help='print the runs (name, run id, state), their count, sample sizes and '
+                   'estimated work (forward passes, FLOPs, time on one H200) and what is already done; preprocess, train '
+                   'and write nothing')
+    p.add_argument('--list-studies', action='store_true', help='list the shipped studies (name, runs, description) and exit')
     for a in p._actions:   # keep the closed choices and metavars in the help
         if a.dest in _CHOICES: a.choices = _CHOICES[a.dest]
         if a.dest in _METAVARS: a.metavar = _METAVARS[a.dest]
