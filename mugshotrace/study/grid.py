@@ -20,7 +20,7 @@ from .config import (RunConfig, StudyData, StudyFile, load_study, expand_grid, c
 from .runner import run_one, acquire_lock, release_lock, read_state, set_state, write_config, launcher_rank
 from .folder import find_runs
 from .slurm import SubmititRun, submit_slurm_array
-from .sources import write_study_labels
+from .sources import write_study_labels, labels_fingerprint
 from .plan import resolve_study, list_studies, run_work, PlanResult, plan_runs, format_plan
 
 # %% auto #0
@@ -44,8 +44,8 @@ def fingerprint_configs(configs, # RunConfigs
                        )->list[RunConfig]:
     "The configs with `data_hash` set from the label table, the variant's manifest and options, and any init weights file."
     if prepare: prepare_variants(data, [c.variant for c in configs])
-    if not Path(data.labels_table).is_file(): raise UserError(f'label table not found: {data.labels_table}')
-    lab = sha256_file(data.labels_table); man = {}; out = []
+    if not Path(data.labels_table).exists(): raise UserError(f'label table not found: {data.labels_table}')
+    lab = labels_fingerprint(data); man = {}; out = []   # a table's sha256 (as before), or a UTKFace folder's file names
     for c in configs:
         if c.variant not in man: man[c.variant] = (sha256_file(manifest_path(data, c.variant)), check_variant(data, c.variant))
         w = sha256_file(c.init) if c.init not in ('imagenet', 'random') and Path(c.init).is_file() else None
