@@ -1,4 +1,5 @@
-"""The semi-synthetic mugshot benchmark: synthetic people with bookings, two rendered attributes, two noisy label
+"""The semi-synthetic mugshot benchmark: synthetic people with bookings, rendered attributes (race, ethnicity; gender
+and skin tone on request), two noisy label
 sources and injectable biases of known size — the embedded default data set and the audit's known answer.
 
 Docs: https://mugshotrace.github.io/mugshotrace/api/synth.benchmark.html.md"""
@@ -51,7 +52,7 @@ class SynthConfig:
     cue_rate_other:float=0.1 # P(cue | any other image)
     cue_kind:str='tint' # 'tint' (backdrop tint) or 'placard' (board below the chin)
     cue_strength:float=1.0 # visual strength of the cue
-    race_strength:float=1.0 # render strength of skin lightness (0 = attribute invisible)
+    race_strength:float=1.0 # render strength of race's cue (skin lightness; lip fullness if race_cue='geometry'); 0 = invisible
     ethnicity_strength:float=1.0 # render strength of face geometry (0 = attribute invisible)
     identity_strength:float=1.0 # size of the per-person identity warp
     booking_variation:float=1.0 # size of the per-booking pose/lighting variation
@@ -287,12 +288,16 @@ def add_synth_parser(subparsers)->argparse.ArgumentParser:
         help='make the semi-synthetic mugshot benchmark with injected, known biases',
         description='Make the semi-synthetic mugshot benchmark: synthetic people (one or more bookings each) warped from\n'
                     'the public sample photos of matplotlib and scikit-image, with skin lightness and face geometry as\n'
-                    'synthetic proxies for race x ethnicity, court (one noisy rater) and student (rater panel) labels,\n'
+                    'synthetic proxies for race x ethnicity, a gender and a skin tone per person (drawn in the images only\n'
+                    'with --gender-strength / --skin-tone-strength; the latter needs --race-cue geometry, which draws race\n'
+                    'as lip fullness), court (one noisy rater) and student (rater panel) labels of all four attributes,\n'
                     'and optional injected biases of known size. Writes images/, labels.csv, votes.csv, truth.json.\n'
                     'Same options and seed => byte-identical output. Re-run the same command to resume.',
         epilog='per-subgroup values: GROUP=VALUE (BH, WH, BnH, WnH), repeatable or comma-separated; a bare number\n'
                'applies to every subgroup.\n\nexample:\n  mugshotrace synth --out bench --people 300 --court-noise BH=0.3 '
-               '--cue-class White --cue-rate 0.9 --underrep BH=0.3')
+               '--cue-class White --cue-rate 0.9 --underrep BH=0.3\n'
+               '  mugshotrace synth --out bench2 --race-cue geometry --skin-tone-strength 1 --gender-strength 1 '
+               '--darker-if-black 0.7 --darker-if-white 0.3')
     d = SynthConfig()
     p.add_argument('--out', required=True, help='output folder (created; re-running resumes)')
     add_config_arguments(p, SynthConfig, exclude=_only('people', 'seed'))

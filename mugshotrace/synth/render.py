@@ -145,10 +145,7 @@ def attribute_displacement(lm:np.ndarray, # (68, 2) canonical landmarks
     jaw = np.arange(17); low = np.clip((lm[jaw, 1] - lm[0, 1]) / max(lm[8, 1] - lm[0, 1], 1.0), 0, 1)
     d[jaw, 0] += (lm[jaw, 0] - cx) * 0.12 * gender * np.sin(np.pi * low)          # the jaw angle wider
     d[jaw, 1] += 0.15 * gender * iod * low ** 2                                   # the chin lower
-    mx, half = lm[48:68, 0].mean(), max((lm[54, 0] - lm[48, 0]) / 2, 1.0)
-    w = np.clip(1 - ((lm[:, 0] - mx) / half) ** 2, 0, 1)                          # 0 at the mouth corners
-    for idx, k in (([49, 50, 51, 52, 53], -1.0), ([55, 56, 57, 58, 59], 1.0), ([61, 62, 63], -1 / 3), ([65, 66, 67], 1 / 3)):
-        d[idx, 1] += k * 0.18 * race * iod * w[idx]
+    d[48:68, 1] += (lm[48:68, 1] - lm[60:68, 1].mean()) * 0.6 * race              # lips stretched about the line between them
     return d
 
 # %% ../../nbs/api/06_synth.render.ipynb #eeb355ef
