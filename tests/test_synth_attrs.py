@@ -66,7 +66,7 @@ def test_default_config_makes_the_files_of_before(key, tmp_path):
     for p in sorted((out/'images').glob('*.jpg')): im.update(p.name.encode()); im.update(p.read_bytes())
     assert im.hexdigest() == want['images']
     for f in ('votes.csv', 'cases.csv', 'outcomes_truth.json', '.synth.json'): assert _sha(out/f) == want[f], f
-    old = _as_before(out, (tmp_path/'old').resolve()) if (tmp_path/'old').mkdir() is None else None
+    (tmp_path/'old').mkdir(); old = _as_before(out, tmp_path/'old')
     for f in ('labels.csv', 'truth.json'): assert _sha(old/f) == want[f], f
     # and the new attributes are there: in the truth and the labels of both sources
     t, lab = load_truth(out), pd.read_csv(out/'labels.csv')
