@@ -129,12 +129,13 @@ def test_majority_error_against_simulation():
 
 def test_files_follow_the_contract(bench):
     lab, votes, truth = pd.read_csv(bench/'labels.csv'), pd.read_csv(bench/'votes.csv'), load_truth(bench)
-    assert list(lab.columns) == ['image_id', 'path', 'person_id', 'booking', 'race_court', 'ethnicity_court', 'race_student', 'ethnicity_student']
+    assert list(lab.columns) == ['image_id', 'path', 'person_id', 'booking', 'race_court', 'ethnicity_court', 'race_student', 'ethnicity_student',
+                                 'gender_court', 'skin_tone_court', 'gender_student', 'skin_tone_student']
     assert list(votes.columns) == ['image_id', 'rater_id', 'attribute', 'value']
     raw = json.loads((bench/'truth.json').read_text())
     assert set(raw) >= {'config', 'images'} and SynthConfig.from_dict(raw['config']) == CLEAN
     assert truth.image_id.is_unique and set(truth.image_id) == set(lab.image_id)
-    assert {'race', 'ethnicity', 'group', 'cue', 'person_id', 'booking', 'source', 'render'} <= set(truth.columns)
+    assert {'race', 'ethnicity', 'group', 'cue', 'person_id', 'booking', 'source', 'render', 'gender', 'skin_tone'} <= set(truth.columns)
     assert (truth.group == [{v: k for k, v in GROUP_ATTRS.items()}[(r, e)] for r, e in zip(truth.race, truth.ethnicity)]).all()
     labels, _ = simulate_labels(plan_benchmark(CLEAN), CLEAN)
     pd.testing.assert_frame_equal(lab, labels)
@@ -312,7 +313,7 @@ def test_benchmark_carries_the_explicit_synthetic_marker(bench, tmp_path):
 # --- case outcomes and surnames (synth.outcomes) ---------------------------------------------------------------------
 
 def test_outcomes_leave_images_labels_and_truth_unchanged(tmp_path):
-    """Outcomes come from their own random streams: labels, votes and truth hash as before synth.outcomes existed, and
+    """Outcomes come from their own random streams: labels, votes and truth hash as recorded (they do not depend on outcomes), and
     another outcome config changes cases.csv only (surnames depend on the seed alone)."""
     import hashlib
     from mugshotrace.synth.outcomes import OutcomeConfig, load_cases
@@ -321,7 +322,9 @@ def test_outcomes_leave_images_labels_and_truth_unchanged(tmp_path):
     make_benchmark(tmp_path/'b', cfg, progress=False, outcomes=OutcomeConfig(detention=0.9, bail_log_mean={'BH': 5.0}))
     h = hashlib.sha256()
     for f in ('labels.csv', 'votes.csv', 'truth.json'): h.update(f.encode()); h.update((tmp_path/'a'/f).read_bytes())
-    assert h.hexdigest() == '74240649dc489a5d26fc0d89b38258c3e2e5dfcc69f467e3183f7ad947e3be87'   # made by the code before this change
+    # made by the code of #17 (labels.csv and truth.json gained gender and skin tone; before: 74240649…; test_synth_attrs
+    # checks that removing the new columns gives the files of before byte for byte)
+    assert h.hexdigest() == 'd2e8e3354a896e4d0b0c8a13244278718f0b66dc3cd4929a498b066aa24065a8'
     files = ['labels.csv', 'votes.csv', 'truth.json'] + sorted(p.relative_to(tmp_path/'a').as_posix() for p in (tmp_path/'a'/'images').glob('*.jpg'))
     for f in files: assert (tmp_path/'a'/f).read_bytes() == (tmp_path/'b'/f).read_bytes(), f
     (ca, ta), (cb, tb) = load_cases(tmp_path/'a'), load_cases(tmp_path/'b')

@@ -1,4 +1,5 @@
-"""The semi-synthetic mugshot benchmark: synthetic people with bookings, two rendered attributes, two noisy label
+"""The semi-synthetic mugshot benchmark: synthetic people with bookings, rendered attributes (race, ethnicity; gender
+and skin tone on request), two noisy label
 sources and injectable biases of known size — the embedded default data set and the audit's known answer.
 
 Docs: https://mugshotrace.github.io/mugshotrace/api/synth.benchmark.html.md"""
@@ -10,7 +11,6 @@ from __future__ import annotations
 import argparse, json
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, fields
-from math import comb
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -21,23 +21,17 @@ from ..vocab import SUBGROUPS, SUBGROUP_ATTRS
 from .outcomes import OutcomeConfig, write_outcomes
 from .render import (IDENTITY_PARAMS, BACKDROP, render_face, encode_jpeg, source_faces,
                                       install_source_faces)
+from .attributes import (ATTRS, RACE_CUES, per_group as _per_group, check_attribute_fields, omit_default_attributes,
+                                          person_attributes, student_rater_ids, majority_error, simulate_labels, _rng, _r)
 
 # %% auto #0
-__all__ = ['ARRESTEE_SHARES', 'CUE_KINDS', 'ATTRS', 'SynthConfig', 'quota_counts', 'person_id', 'image_id', 'plan_benchmark',
-           'source_names', 'student_rater_ids', 'majority_error', 'simulate_labels', 'make_benchmark', 'load_truth',
-           'parse_group_values', 'config_from_args', 'SynthResult', 'synth', 'add_synth_parser']
+__all__ = ['ARRESTEE_SHARES', 'CUE_KINDS', 'SynthConfig', 'quota_counts', 'person_id', 'image_id', 'plan_benchmark',
+           'source_names', 'make_benchmark', 'load_truth', 'parse_group_values', 'config_from_args', 'SynthResult',
+           'synth', 'add_synth_parser']
 
 # %% ../../nbs/api/05_synth.benchmark.ipynb #7b7cfa8c
 ARRESTEE_SHARES = {'BH': 0.0918, 'WH': 0.3970, 'BnH': 0.3796, 'WnH': 0.1314}   # the seed's Miami-Dade arrestee shares
 CUE_KINDS = ('tint', 'placard')
-
-def _per_group(value, default:float, name:str)->dict:
-    "Normalise a per-subgroup setting (a number for every group, or a partial dict) to a full {group: float} dict."
-    if value is None: value = {}
-    if isinstance(value, (int, float)): value = {g: value for g in SUBGROUPS}
-    bad = set(value) - set(SUBGROUPS)
-    if bad: raise UserError(f'{name}: unknown subgroup(s) {sorted(bad)} (use {", ".join(SUBGROUPS)})')
-    return {g: float(value.get(g, default)) for g in SUBGROUPS}
 
 @dataclass(frozen=True, kw_only=True)
 class SynthConfig:
@@ -58,10 +52,17 @@ class SynthConfig:
     cue_rate_other:float=0.1 # P(cue | any other image)
     cue_kind:str='tint' # 'tint' (backdrop tint) or 'placard' (board below the chin)
     cue_strength:float=1.0 # visual strength of the cue
-    race_strength:float=1.0 # render strength of skin lightness (0 = attribute invisible)
+    race_strength:float=1.0 # render strength of race's cue (skin lightness; lip fullness if race_cue='geometry'); 0 = invisible
     ethnicity_strength:float=1.0 # render strength of face geometry (0 = attribute invisible)
     identity_strength:float=1.0 # size of the per-person identity warp
     booking_variation:float=1.0 # size of the per-booking pose/lighting variation
+    race_cue:str='tone' # how race is drawn: 'tone' (skin lightness) or 'geometry' (lip fullness; frees lightness for skin tone)
+    gender_strength:float=0.0 # render strength of the gender cue (brow ridge, jaw angle, chin); 0 = invisible
+    skin_tone_strength:float=0.0 # render strength of skin lightness for skin tone (needs race_cue='geometry'); 0 = invisible
+    female_share:dict=field(default_factory=lambda: 0.5) # P(Female) per subgroup
+    darker_if_black:float=1.0 # P(skin tone Darker | Black); with darker_if_white the skin-tone/race association
+    darker_if_white:float=0.0 # P(skin tone Darker | White)
+    vote_attributes:tuple=ATTRS # attributes whose student votes go to votes.csv (race ethnicity gender skin_tone)
 
     def __post_init__(self):
         S = lambda k, v: object.__setattr__(self, k, v)
@@ -84,11 +85,11 @@ class SynthConfig:
         if not (0 <= self.cue_rate <= 1 and 0 <= self.cue_rate_other <= 1): raise UserError('cue rates must be within [0, 1]')
         for k, v in (('people', int(self.people)), ('seed', int(self.seed)), ('width', int(self.width)), ('height', int(self.height)),
                      ('jpeg_quality', q), ('bookings', b), ('shares', shares), ('underrep', underrep), ('court_noise', court),
-                     ('student_noise', student), ('student_raters', int(self.student_raters))): S(k, v)
+                     ('student_noise', student), ('student_raters', int(self.student_raters)), *check_attribute_fields(self).items()): S(k, v)
         if sum(shares[g] * underrep[g] for g in SUBGROUPS) <= 0: raise UserError('shares x underrep leaves no subgroup with people')
 
     def __hash__(self): return hash(stable_hash(self.to_dict()))
-    def to_dict(self)->dict: return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
+    def to_dict(self)->dict: return omit_default_attributes({f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)})
     @classmethod
     def from_dict(cls, d:dict)->SynthConfig: return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
@@ -107,9 +108,6 @@ def quota_counts(shares:dict, # {group: share}, summing to 1
     counts = {g: int(np.floor(v)) for g, v in raw.items()}
     for g in sorted(shares, key=lambda g: (-(raw[g] - counts[g]), list(shares).index(g)))[:n - sum(counts.values())]: counts[g] += 1
     return counts
-
-def _rng(cfg, *key): return np.random.default_rng([int(cfg.seed), *key])
-def _r(x): return round(float(x), 6)
 
 def person_id(i:int)->str: return f'P{i:06d}'
 def image_id(i:int, b:int)->str: return f'P{i:06d}_b{b}'
@@ -131,18 +129,20 @@ def plan_benchmark(cfg:SynthConfig)->pd.DataFrame:
         geom = cfg.ethnicity_strength * (pr.uniform(0.4, 0.85) if eth == 'Hispanic' else pr.uniform(-0.85, -0.4))
         ident = {k: _r(pr.normal(0, sd) * cfg.identity_strength) for k, sd in IDENTITY_PARAMS.items()}
         shade = pr.normal(0, 6)
+        pa = person_attributes(cfg, i, race, g, tone)   # own random stream: gender, skin tone, the race cue
         for b in range(1, nb + 1):
             br, v = _rng(cfg, 2, i, b), cfg.booking_variation
             cue = bool(_rng(cfg, 3, i, b).random() < (cfg.cue_rate if _has_class(cfg, race, eth, g) else cfg.cue_rate_other)) if cfg.cue_class else False
-            render = dict(source=src, tone=_r(tone), identity=ident, geometry=_r(geom),
+            render = dict(source=src, tone=_r(pa['tone']), identity=ident, geometry=_r(geom),
                           rotation=_r(br.normal(0, 2.5) * v), scale=_r(1 + np.clip(br.normal(0, 0.04), -0.1, 0.1) * v),
                           shift=[_r(br.normal(0, 0.08) * v), _r(br.normal(0, 0.08) * v)],
                           gain=_r(1 + br.uniform(-0.12, 0.08) * v), gradient=_r(br.normal(0, 0.10) * v),
                           backdrop=[_r(c + shade + br.normal(0, 3) * v) for c in BACKDROP],
                           cue=cue, cue_kind=cfg.cue_kind, cue_strength=_r(cfg.cue_strength),
-                          quality=int(br.integers(cfg.jpeg_quality[0], cfg.jpeg_quality[1] + 1)))
+                          quality=int(br.integers(cfg.jpeg_quality[0], cfg.jpeg_quality[1] + 1)),
+                          gender_geometry=pa['gender_geometry'], race_geometry=pa['race_geometry'])
             rows.append(dict(image_id=image_id(i, b), person_id=person_id(i), booking=b, race=race, ethnicity=eth,
-                             group=g, cue=cue, source=src, render=render))
+                             group=g, cue=cue, source=src, render=render, gender=pa['gender'], skin_tone=pa['skin_tone']))
     return pd.DataFrame(rows)
 
 def source_names()->tuple:
@@ -150,33 +150,7 @@ def source_names()->tuple:
     return tuple(sample_face_photos())
 
 # %% ../../nbs/api/05_synth.benchmark.ipynb #147f9921
-ATTRS = ('race', 'ethnicity')
-_OTHER = {'Black': 'White', 'White': 'Black', 'Hispanic': 'NonHispanic', 'NonHispanic': 'Hispanic'}
-
-def student_rater_ids(cfg:SynthConfig)->list: return [f'S{r + 1}' for r in range(cfg.student_raters)]
-
-def majority_error(p:float, # each rater's flip probability
-                   raters:int # panel size (odd)
-                  )->float:
-    "Probability that the majority of `raters` independent raters, each wrong with probability `p`, is wrong."
-    return sum(comb(raters, k) * p ** k * (1 - p) ** (raters - k) for k in range(raters // 2 + 1, raters + 1))
-
-def simulate_labels(plan:pd.DataFrame, # from `plan_benchmark`
-                    cfg:SynthConfig)->tuple:
-    "`(labels, votes)`: the court and student-majority label table and the long table of every student vote."
-    R, raters = cfg.student_raters, student_rater_ids(cfg)
-    lab, votes = [], []
-    for i, row in enumerate(plan.itertuples(index=False)):
-        pi, b = int(row.person_id[1:]), int(row.booking)
-        u = _rng(cfg, 4, pi, b).random((1 + R, 2))   # row 0: court; rows 1..R: students; columns: race, ethnicity
-        truth = (row.race, row.ethnicity)
-        court = [_OTHER[t] if u[0, k] < cfg.court_noise[row.group] else t for k, t in enumerate(truth)]
-        stud = [[_OTHER[t] if u[1 + r, k] < cfg.student_noise[row.group] else t for k, t in enumerate(truth)] for r in range(R)]
-        major = [max(set(c), key=c.count) for c in zip(*stud)]
-        lab.append(dict(image_id=row.image_id, path=f'images/{row.image_id}.jpg', person_id=row.person_id, booking=b,
-                        race_court=court[0], ethnicity_court=court[1], race_student=major[0], ethnicity_student=major[1]))
-        votes += [dict(image_id=row.image_id, rater_id=raters[r], attribute=a, value=stud[r][k]) for r in range(R) for k, a in enumerate(ATTRS)]
-    return pd.DataFrame(lab), pd.DataFrame(votes, columns=['image_id', 'rater_id', 'attribute', 'value'])
+# (`simulate_labels`, `majority_error` and `student_rater_ids` live in `synth.attributes`, with the label model of every attribute)
 
 # %% ../../nbs/api/05_synth.benchmark.ipynb #f296185f
 def _worker_init(width, height, faces):
@@ -226,8 +200,8 @@ def make_benchmark(out, # output folder (created)
                          'people_per_group': quota_counts(cfg.effective_shares, cfg.people),
                          'images': len(plan), 'student_raters': student_rater_ids(cfg),
                          'student_majority_error': {g: _r(majority_error(cfg.student_noise[g], cfg.student_raters)) for g in SUBGROUPS}},
-             'images': {r.image_id: {'race': r.race, 'ethnicity': r.ethnicity, 'group': r.group, 'cue': r.cue,
-                                     'person_id': r.person_id, 'booking': r.booking, 'source': r.source, 'render': r.render}
+             'images': {r.image_id: {'race': r.race, 'ethnicity': r.ethnicity, 'group': r.group, 'cue': r.cue, 'person_id': r.person_id,
+                                     'booking': r.booking, 'source': r.source, 'render': r.render, 'gender': r.gender, 'skin_tone': r.skin_tone}
                         for r in plan.itertuples(index=False)}}
     write_json(out/'truth.json', truth)
     write_outcomes(out, outcomes)   # own random streams: images, labels and truth do not change
@@ -238,7 +212,7 @@ def make_benchmark(out, # output folder (created)
 
 def load_truth(out # a folder written by `make_benchmark`
               )->pd.DataFrame:
-    "One row per image_id with the true race, ethnicity, group, cue, person, booking, source and render params."
+    "One row per image_id with the true race, ethnicity, group, cue, person, booking, source, render params, gender, skin tone."
     p = Path(out)/'truth.json'
     if not p.exists(): raise UserError(f'{p} not found: not a finished synth benchmark (re-run `mugshotrace synth`)')
     t = read_json(p)
@@ -270,7 +244,7 @@ def _floats(s, name):
     try: return tuple(float(v) for v in str(s).split(','))
     except ValueError: raise UserError(f'{name}: {s!r} is not a comma-separated list of numbers') from None
 
-_GROUP_OPTS = ('shares', 'underrep', 'court_noise', 'student_noise')   # per-subgroup options: flag --x-y, dest x_y_values
+_GROUP_OPTS = ('shares', 'underrep', 'court_noise', 'student_noise', 'female_share')   # per-subgroup options: flag --x-y, dest x_y_values
 
 def config_from_args(a:argparse.Namespace)->SynthConfig:
     "The `SynthConfig` an argparse namespace of `mugshotrace synth` describes."
@@ -314,12 +288,16 @@ def add_synth_parser(subparsers)->argparse.ArgumentParser:
         help='make the semi-synthetic mugshot benchmark with injected, known biases',
         description='Make the semi-synthetic mugshot benchmark: synthetic people (one or more bookings each) warped from\n'
                     'the public sample photos of matplotlib and scikit-image, with skin lightness and face geometry as\n'
-                    'synthetic proxies for race x ethnicity, court (one noisy rater) and student (rater panel) labels,\n'
+                    'synthetic proxies for race x ethnicity, a gender and a skin tone per person (drawn in the images only\n'
+                    'with --gender-strength / --skin-tone-strength; the latter needs --race-cue geometry, which draws race\n'
+                    'as lip fullness), court (one noisy rater) and student (rater panel) labels of all four attributes,\n'
                     'and optional injected biases of known size. Writes images/, labels.csv, votes.csv, truth.json.\n'
                     'Same options and seed => byte-identical output. Re-run the same command to resume.',
         epilog='per-subgroup values: GROUP=VALUE (BH, WH, BnH, WnH), repeatable or comma-separated; a bare number\n'
                'applies to every subgroup.\n\nexample:\n  mugshotrace synth --out bench --people 300 --court-noise BH=0.3 '
-               '--cue-class White --cue-rate 0.9 --underrep BH=0.3')
+               '--cue-class White --cue-rate 0.9 --underrep BH=0.3\n'
+               '  mugshotrace synth --out bench2 --race-cue geometry --skin-tone-strength 1 --gender-strength 1 '
+               '--darker-if-black 0.7 --darker-if-white 0.3')
     d = SynthConfig()
     p.add_argument('--out', required=True, help='output folder (created; re-running resumes)')
     add_config_arguments(p, SynthConfig, exclude=_only('people', 'seed'))
@@ -336,6 +314,10 @@ def add_synth_parser(subparsers)->argparse.ArgumentParser:
                        ('student_noise', 'G=P', "each student rater's flip probability (default 0.10)")):
         g.add_argument('--' + key.replace('_', '-'), dest=f'{key}_values', action='append', metavar=mv, help=h)
     g.add_argument('--raters', type=int, default=d.student_raters, help='student raters in the panel, odd (default: %(default)s)')
+    g = p.add_argument_group('gender and skin tone (off in the images by default; see synth.attributes)')
+    add_config_arguments(g, SynthConfig, exclude=_only('race_cue', 'gender_strength', 'skin_tone_strength', 'darker_if_black', 'darker_if_white', 'vote_attributes'))
+    g._option_string_actions['--race-cue'].choices = RACE_CUES
+    g.add_argument('--female-share', dest='female_share_values', action='append', metavar='G=P', help='P(Female) per subgroup (default 0.5)')
     g = p.add_argument_group('spurious cue (bias)')
     add_config_arguments(g, SynthConfig, exclude=_only('cue_class', 'cue_rate', 'cue_rate_other', 'cue_kind', 'cue_strength'))
     g._option_string_actions['--cue-kind'].choices = CUE_KINDS

@@ -1,5 +1,5 @@
 """Rendering one semi-synthetic mugshot: real sample photos aligned to a mugshot frame, a landmark-driven
-thin-plate warp for identity and face geometry, a landmark-masked LAB shift for skin lightness.
+thin-plate warp for identity, face geometry and the gender and lip cues, a landmark-masked LAB shift for skin lightness.
 
 Docs: https://mugshotrace.github.io/mugshotrace/api/synth.render.html.md"""
 
@@ -16,7 +16,7 @@ from ..faces.landmarks import detect_faces, landmarks68, face_hull, LANDMARK_GRO
 # %% auto #0
 __all__ = ['EYE_Y', 'IOD', 'IDENTITY_PARAMS', 'BACKDROP', 'TINT', 'SourceFace', 'canonical_eyes', 'similarity_from_points',
            'person_mask', 'skin_mask', 'source_faces', 'install_source_faces', 'landmark_displacement',
-           'tps_backward_map', 'apply_tone', 'render_face', 'encode_jpeg']
+           'attribute_displacement', 'tps_backward_map', 'apply_tone', 'render_face', 'encode_jpeg']
 
 # %% ../../nbs/api/06_synth.render.ipynb #f8a27c29
 EYE_Y, IOD = 0.42, 0.20   # canonical eye-centre height (fraction of H) and inter-ocular distance (fraction of W)
@@ -133,6 +133,21 @@ def landmark_displacement(lm:np.ndarray, # (68, 2) canonical landmarks
     d[:, 0] += identity['face_dx'] * iod * np.exp(-((lm[:, 1] - lm[30, 1]) / (1.5 * iod)) ** 2)
     return d
 
+# %% ../../nbs/api/06_synth.render.ipynb #68362170
+def attribute_displacement(lm:np.ndarray, # (68, 2) canonical landmarks
+                           iod:float, # inter-ocular distance in pixels
+                           gender:float=0.0, # the gender coordinate (scaled by its render strength; + = Male)
+                           race:float=0.0 # the race-geometry coordinate (scaled by its render strength; + = Black)
+                          )->np.ndarray:
+    "Per-landmark displacement (68, 2) in pixels of the gender cue (brows, jaw angle, chin) and the lip-fullness race cue."
+    d, cx = np.zeros_like(lm), lm[27:31, 0].mean()
+    d[17:27, 1] += 0.12 * gender * iod                                           # brows towards the eyes
+    jaw = np.arange(17); low = np.clip((lm[jaw, 1] - lm[0, 1]) / max(lm[8, 1] - lm[0, 1], 1.0), 0, 1)
+    d[jaw, 0] += (lm[jaw, 0] - cx) * 0.12 * gender * np.sin(np.pi * low)          # the jaw angle wider
+    d[jaw, 1] += 0.15 * gender * iod * low ** 2                                   # the chin lower
+    d[48:68, 1] += (lm[48:68, 1] - lm[60:68, 1].mean()) * 0.6 * race              # lips stretched about the line between them
+    return d
+
 # %% ../../nbs/api/06_synth.render.ipynb #eeb355ef
 def _tps_kernel(r2): return np.where(r2 > 0, 0.5 * r2 * np.log(np.maximum(r2, 1e-300)), 0.0)
 
@@ -191,7 +206,7 @@ def _placard(out, W, H, a):
         yy, h = int(y0 + (0.25 + 0.4 * k) * (y1 - y0)), max(2, H // 80)
         out[yy:yy + h, int(u0 * W):int(u1 * W)] = out[yy:yy + h, int(u0 * W):int(u1 * W)] * (1 - a) + 235.0 * a
 
-def render_face(p:dict, # one image's render parameters: source, tone, identity, geometry, rotation, scale, shift, gain, gradient, backdrop, cue, cue_kind, cue_strength
+def render_face(p:dict, # one image's render parameters: source, tone, identity, geometry, [gender_geometry, race_geometry,] rotation, scale, shift, gain, gradient, backdrop, cue, cue_kind, cue_strength
                 width:int=480, height:int=600)->np.ndarray:
     "Render one synthetic mugshot as an HxWx3 uint8 RGB array."
     src, iod = source_faces(width, height)[p['source']], IOD * width
@@ -203,7 +218,10 @@ def render_face(p:dict, # one image's render parameters: source, tone, identity,
     lm = src.landmarks
     pose = cv2.getRotationMatrix2D(tuple(float(v) for v in lm[36:48].mean(0)), float(p['rotation']), float(p['scale']))
     pose[:, 2] += np.asarray(p['shift'], np.float64) * iod
-    mx, my = tps_backward_map(lm, lm + landmark_displacement(lm, iod, p['identity'], p['geometry']), (width, height), pose)
+    disp = landmark_displacement(lm, iod, p['identity'], p['geometry'])
+    ga, ra = float(p.get('gender_geometry', 0.0)), float(p.get('race_geometry', 0.0))   # absent in older truth.json
+    if ga or ra: disp = disp + attribute_displacement(lm, iod, ga, ra)               # 0: the image of before, bit for bit
+    mx, my = tps_backward_map(lm, lm + disp, (width, height), pose)
     out = cv2.remap(img, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     out *= np.float32(p['gain']) * (1 + np.float32(p['gradient']) * (np.arange(width, dtype=np.float32) - width / 2) / width)[None, :, None]
     if p['cue'] and p['cue_kind'] == 'placard': _placard(out, width, height, min(1.0, float(p['cue_strength'])))
