@@ -84,19 +84,21 @@ def face_dataloaders(items:pd.DataFrame, # image_id, file, label, is_valid
     if unknown: raise UserError(f'labels {unknown} are not among the classes {vocab}')
     if aug is True: aug = FACE_AUG
     tfms = (aug_transforms(size=None, **aug) if aug else []) + [Normalize.from_stats(list(mean), list(std))]
-    dblock = DataBlock(blocks=(ImageBlock(PILImage), CategoryBlock(vocab=vocab)), get_x=ColReader('file'),
+    dblock = DataBlock(blocks=(ImageBlock(PILImage), CategoryBlock(vocab=vocab, sort=False)), get_x=ColReader('file'),
                        get_y=ColReader('label'), splitter=ColSplitter('is_valid'),
                        item_tfms=Resize(size, method=ResizeMethod.Squish), batch_tfms=tfms)
+    wgts = np.zeros(len(items))   # the training rows' weights balance the training classes (validation rows are never drawn)
+    if weighted: wgts[~isv.to_numpy()] = class_weights(items.label[~isv].astype(str))
     cache = None
     if cache_dir is not None: cache = ImageCache(cache_dir, size); cache.ensure(items.file)   # decoded before seeding
     seed_everything(seed)
     kw = dict(bs=bs, num_workers=num_workers, wif=partial(seed_worker, 0))
     if cache is not None:   # the same Datasets and transforms; batches gathered from the cache (train.cache)
         dss = dblock.datasets(items); dl, wdl = cached_dl_types()
-        w = class_weights(items.label.astype(str))[dss.splits[0]] if weighted else None
+        w = wgts[dss.splits[0]] if weighted else None
         dls = dss.dataloaders(path='.', after_item=dblock.item_tfms, after_batch=dblock.batch_tfms, cache=cache,
                               **(dict(dl_type=wdl, dl_kwargs=({'wgts': w}, {})) if weighted else dict(dl_type=dl)), **kw)
-    elif weighted: dls = dblock.weighted_dataloaders(items, wgts=class_weights(items.label.astype(str)), **kw)
+    elif weighted: dls = dblock.weighted_dataloaders(items, wgts=wgts, **kw)
     else: dls = dblock.dataloaders(items, **kw)
     dls.items = items
     return dls
