@@ -95,7 +95,7 @@ def test_converter_round_trip(empty_caches, monkeypatch):
     assert any(k.startswith(('last_linear', 'logits')) for k in full)       # the embedding head rides along in the file
     h = sha256_file(src)
     sub = argparse.ArgumentParser().add_subparsers(); add_weights_parser(sub)
-    a = sub.choices['weights'].parse_args(['convert', str(src), '--sha256', h])   # no DST: the preset's place
+    a = sub.choices['weights'].parse_args(['convert', str(src), '--sha256', h, '--no-progress'])   # no DST: the preset's place
     assert a.func(a) == 0
     local = face_weight_source('vggface2')['local']; assert local.is_file()
     from safetensors import safe_open
@@ -115,6 +115,29 @@ def test_converter_round_trip(empty_caches, monkeypatch):
     torch.save({'w': Boom()}, empty_caches/'evil.pt')
     with pytest.raises(UserError, match='weights_only'): convert_weights(empty_caches/'evil.pt')
     assert not (empty_caches/'pwned').exists() and not (empty_caches/'evil.safetensors').exists()
+
+WEIGHTS_ENTRY = ('fetch pretrained weights as safetensors, or convert a downloaded checkpoint', 'mugshotrace.train.models', 'add_weights_parser')
+
+def test_weights_cli_through_main(tmp_path, monkeypatch, capsys):
+    "`mugshotrace weights convert` through the entry point: exit 0 and the file; bad input: one line, exit 2."
+    from mugshotrace import cli
+    monkeypatch.setitem(cli.SUBCOMMANDS, 'weights', WEIGHTS_ENTRY)   # the entry the lead adds to cli.SUBCOMMANDS
+    sd = build_model('tiny_cnn', 2, 'random', seed=8)[0].state_dict(); torch.save(sd, tmp_path/'t.pt')
+    assert cli.main(['weights', 'convert', str(tmp_path/'t.pt'), str(tmp_path/'t.safetensors'), '--arch', 'tiny_cnn']) == 0
+    body = build_model('tiny_cnn', 2, init=tmp_path/'t.safetensors')[0].state_dict()
+    assert all(torch.equal(body[k], sd[k]) for k in sd)
+    capsys.readouterr()
+    assert cli.main(['weights', 'convert', str(tmp_path/'t.pt'), '--out', str(tmp_path/'u.safetensors'), '--arch', 'resnet18']) == 2
+    err = capsys.readouterr().err.strip(); assert err.count('\n') == 0 and 'does not fit resnet18' in err
+    monkeypatch.setenv('MUGSHOTRACE_OFFLINE', '1'); monkeypatch.setenv('MUGSHOTRACE_WEIGHTS', str(tmp_path/'w')); monkeypatch.setenv('TORCH_HOME', str(tmp_path/'th'))
+    assert cli.main(['weights', 'fetch', 'inception_resnet_v1', '--init', 'vggface2']) == 2
+    assert str(tmp_path/'w'/'inception_resnet_v1.vggface2.safetensors') in capsys.readouterr().err
+    assert cli.main(['weights', 'fetch', 'inception_resnet_v1', str(tmp_path/'elsewhere'), '--init', 'vggface2']) == 2   # DST: the weights folder
+    assert str(tmp_path/'elsewhere'/'inception_resnet_v1.vggface2.safetensors') in capsys.readouterr().err
+    assert cli.main(['weights', 'fetch', 'resnet50', '--init', 'vggface2']) == 2 and 'does not fit arch' in capsys.readouterr().err
+    # the conventions of every subcommand (tests/test_cli.py): --no-progress, --out where it writes
+    flags = {o for a in cli.build_parser(only='weights')._subparsers._group_actions[0].choices['weights']._actions for o in a.option_strings}
+    assert {'--no-progress', '--out'} <= flags
 
 def test_check_init():
     assert set(INIT_PRESETS) == {'imagenet', 'random', 'vggface2'}
