@@ -44,7 +44,7 @@ def test_arch_builds_trains_predicts(name, n_out): _check_arch(name, n_out)
 def test_big_arch_builds_trains_predicts(name, n_out): _check_arch(name, n_out)
 
 def test_registry_contents():
-    assert set(PHASE1_ARCHS) | set(PHASE2_ARCHS) | {'resnet18', 'tiny_cnn'} == set(ARCHS)
+    assert set(PHASE1_ARCHS) | set(PHASE2_ARCHS) | {'resnet18', 'tiny_cnn', 'densenet121', 'inception_resnet_v1'} == set(ARCHS)
     tags = {a: get_arch(a).pretrained_tag for a in ARCHS}
     assert tags['resnet50'] == 'timm:resnet50.tv_in1k' and tags['inception_v4'] == 'timm:inception_v4.tf_in1k'
     assert tags['legacy_seresnext50_32x4d'] == 'timm:legacy_seresnext50_32x4d.in1k' and tags['alexnet'].startswith('torchvision:')
