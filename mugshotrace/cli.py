@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     'audit':      ('self-audit every run on every disaggregated test set, with intervals', 'mugshotrace.audit.selfaudit', 'add_audit_parser'),
     'explain':    ('Grad-CAM / guided backprop for the best and worst image of every scenario, or of a study\'s extremes (--extremes K)', 'mugshotrace.interp.explain', 'add_explain_parser'),
     'label':      ('label images in bulk with a shareable model bundle', 'mugshotrace.bulk.label', 'add_label_parser'),
+    'weights':    ('fetch pretrained weights as safetensors, or convert a downloaded checkpoint', 'mugshotrace.train.models', 'add_weights_parser'),
     'confound':   ('xGEMs confounding probe of a run, or every model of a study ranked by confounding net of its noise floor', 'mugshotrace.confounding.probe', 'add_confound_parser'),
     'status':     ('one table of every run of a study: state, SLURM job, epoch, heartbeat, time left', 'mugshotrace.study.status', 'add_status_parser'),
     'disparity':  ('outcome disparities from bulk labels, with the audited error rates propagated', 'mugshotrace.disparity.stage', 'add_disparity_parser'),

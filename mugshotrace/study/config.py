@@ -14,7 +14,7 @@ from ..faces.preprocess import FaceOptions
 from ..labels.tables import LabelSpec, load_labels, get_task
 from .sources import (TABLE_KEYS, LABELS_KEYS, SOURCE_KEYS, parse_sources, study_table, check_source_name,
                                        check_class_name)
-from ..train.archs import PHASE1_ARCHS, PHASE2_ARCHS, get_arch
+from ..train.archs import PHASE1_ARCHS, PHASE2_ARCHS, get_arch, check_init, INIT_PRESETS
 
 # %% auto #0
 __all__ = ['TASKS', 'THATCHERS', 'SAMPLINGS', 'INVERTS', 'PRECISIONS', 'BUILTIN_GRIDS', 'EXECUTOR_OPTIONS',
@@ -39,7 +39,7 @@ class RunConfig:
     label_source:str='court' # which labels the model learns from
     task:str='race2' # a task preset ('race2' Black/White, 'race_eth4' BH/WH/BnH/WnH, …) or a task of the study file
     sampling:str='balanced' # 'balanced' (n_per_class per class) or 'imbalanced' (full population)
-    init:str='imagenet' # 'imagenet', 'random' or a safetensors weights path
+    init:str='imagenet' # 'imagenet', 'random', 'vggface2' (arch inception_resnet_v1) or a .safetensors weights path
     invert:str='none' # upside-down faces at 'train', 'test', 'both' or 'none' (Thatcher effect)
     epochs:int=4 # unfrozen one-cycle epochs
     freeze_epochs:int=1 # frozen epochs first (pretrained inits only)
@@ -65,12 +65,12 @@ class RunConfig:
         if not isinstance(self.task, str) or not _NAME.fullmatch(self.task): raise UserError(f'task must be a name of letters, digits, "_", ".", "+" or "-", not {self.task!r}')
         for f, ok in (('sampling', SAMPLINGS), ('invert', INVERTS), ('thatcher', THATCHERS), ('precision', PRECISIONS)):
             if getattr(self, f) not in ok: raise UserError(f'{f} must be one of {ok}, not {getattr(self, f)!r}')
-        get_arch(self.arch)
+        get_arch(self.arch); check_init(self.init, self.arch)
 
     @property
     def name(self)->str:
         "Human-readable name (`arch-variant-source-task-sampling-init[-invX][-sN]`), used by `--only`."
-        init = self.init if self.init in ('imagenet', 'random') else 'user'
+        init = self.init if self.init in INIT_PRESETS else 'user'
         return '-'.join([self.arch, self.variant, self.label_source, self.task, self.sampling, init] +
                         ([f'inv{self.invert}'] if self.invert != 'none' else []) + ([f'th{self.thatcher}'] if self.thatcher != 'none' else [])
                         + ([f's{self.seed}'] if self.seed else []))

@@ -20,6 +20,7 @@ from .config import (RunConfig, StudyData, StudyFile, load_study, expand_grid, c
 from .runner import run_one, acquire_lock, release_lock, read_state, set_state, write_config, launcher_rank
 from .folder import find_runs
 from .slurm import SubmititRun, submit_slurm_array
+from ..train.archs import INIT_PRESETS
 from .sources import write_study_labels, labels_fingerprint
 from .plan import resolve_study, list_studies, run_work, PlanResult, plan_runs, format_plan
 
@@ -48,7 +49,7 @@ def fingerprint_configs(configs, # RunConfigs
     lab = labels_fingerprint(data); man = {}; out = []   # a table's sha256 (as before), or a UTKFace folder's file names
     for c in configs:
         if c.variant not in man: man[c.variant] = (sha256_file(manifest_path(data, c.variant)), check_variant(data, c.variant))
-        w = sha256_file(c.init) if c.init not in ('imagenet', 'random') and Path(c.init).is_file() else None
+        w = sha256_file(c.init) if c.init not in INIT_PRESETS and Path(c.init).is_file() else None
         out.append(replace(c, data_hash=stable_hash({'labels': lab, 'manifest': man[c.variant][0], 'preprocess': man[c.variant][1],
                                                      'init': w, 'spec': data.label_spec,
                                                      **({'task': data.tasks[c.task]} if c.task in data.tasks else {})}, n=16)))
