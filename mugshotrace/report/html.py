@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from ..core import UserError, read_json, write_text, registered_figures
 from ..config import add_config_arguments, config_from_args, add_common_arguments, ResultMixin
 from ..study.folder import Study, find_runs
-from .cards import load_audit, load_confounding, write_model_card, datasheet_markdown, CARD_CSS
+from .cards import load_audit, load_confounding, write_model_card, CARD_CSS
+from .datasheet import datasheet_markdown
 from .datafacts import label_agreement, drop_rates_table
 from . import findings as F
 from ..disparity.report import disparity_report_html, disparity_card_note
