@@ -25,7 +25,7 @@ from .frame import AuditFrame
 __all__ = ['FACTORS', 'design_factor_effects', 'prediction_outcomes', 'drop_rates', 'flip_rates']
 
 # %% ../../nbs/api/42_audit.factors.ipynb #aa144eea
-FACTORS = DESIGN_FACTORS + ('task', 'invert', 'test_variant', 'train_ne_test')   # the design-factor model's default
+FACTORS = DESIGN_FACTORS + ('task', 'invert', 'thatcher', 'test_variant', 'train_ne_test')   # the design-factor model's default
 _FIXED_REF = {'train_ne_test': 'no'}
 
 def _independent_columns(X:np.ndarray)->list[int]:
@@ -156,19 +156,20 @@ def prediction_outcomes(runs, # `Run`s (or run folders)
                         attribute:str='race', # the group column of the predictions
                         target:str='label' # the reference column ('label' or 'truth')
                        )->pd.DataFrame:
-    "One row per prediction of every scenario the audit counts: run_id, test_set, test_variant, invert, image_id, group, correct."
+    "One row per prediction of every scenario the audit counts: run_id, test_set, test_variant, invert, thatcher, image_id, group, correct."
     parts = []
     for r in runs:
-        r = as_run(r); rid = r.run_id; inv = str(r.config.get('invert') or 'none')
+        r = as_run(r); rid = r.run_id; inv, th = str(r.config.get('invert') or 'none'), str(r.config.get('thatcher') or 'none')
         for s in r.scenarios():
             df = read_predictions(s.file, target)     # validated: a malformed file is a UserError
             if attribute not in df: continue
             df = df.assign(**{attribute: fill_missing_groups(df[[attribute]])[attribute]})
             df = df[df[attribute] != MISSING_LEVEL]        # the (missing) level is in no between-group model
-            parts.append(pd.DataFrame({'run_id': rid, 'test_set': s.test_set, 'test_variant': s.variant, 'invert': inv, 'image_id': df.image_id.to_numpy(),
+            parts.append(pd.DataFrame({'run_id': rid, 'test_set': s.test_set, 'test_variant': s.variant, 'invert': inv, 'thatcher': th,
+                                       'image_id': df.image_id.to_numpy(),
                                        'group': df[attribute].astype(str).to_numpy(),
                                        'correct': (df.Prediction.astype(str) == df[target].astype(str)).to_numpy()}))
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=['run_id', 'test_set', 'test_variant', 'invert', 'image_id', 'group', 'correct'])
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=['run_id', 'test_set', 'test_variant', 'invert', 'thatcher', 'image_id', 'group', 'correct'])
 
 # %% ../../nbs/api/42_audit.factors.ipynb #c650ab1d
 def _groups_from_labels(labels:pd.DataFrame, label_source:str='court')->pd.DataFrame:

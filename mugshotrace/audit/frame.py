@@ -132,7 +132,7 @@ def _prediction_table(y_true, y_pred, groups, conf=None, classes=None)->tuple[pd
                        **{f'{c}_Prob': p[:, j] for j, c in enumerate(classes)}, **{k: g[k].to_numpy() for k in g.columns}})
     return df, tuple(g.columns)
 
-RUN_AXES = {'invert': 'none', 'weighted': False, 'epochs': None, 'n_per_class': None}   # further design axes of a run (config key: default)
+RUN_AXES = {'invert': 'none', 'thatcher': 'none', 'weighted': False, 'epochs': None, 'n_per_class': None}   # further design axes of a run (config key: default)
 
 def _axis(v): return v if v is None or isinstance(v, (str, int, float)) else str(v)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
 from ..core import UserError, stable_hash, read_json
 from ..faces.preprocess import FaceOptions
-from ..labels.tables import LabelSpec, load_labels, get_task
+from ..labels.tables import LabelSpec, load_labels, get_task, TASK_PRESETS
 from .sources import (TABLE_KEYS, LABELS_KEYS, SOURCE_KEYS, parse_sources, study_table, check_source_name,
                                        check_class_name)
 from ..train.archs import PHASE1_ARCHS, PHASE2_ARCHS, get_arch, check_init, INIT_PRESETS
@@ -23,7 +23,7 @@ __all__ = ['TASKS', 'THATCHERS', 'SAMPLINGS', 'INVERTS', 'PRECISIONS', 'BUILTIN_
            'study_labels', 'manifest_path', 'preprocess_options', 'variant_options', 'check_variant', 'shipped_studies']
 
 # %% ../../nbs/api/34_study.config.ipynb #0202cba6
-TASKS = ('race2', 'race_eth4')   # the seed's tasks; others: `labels.TASK_PRESETS` or the study file's `tasks:`
+TASKS = tuple(TASK_PRESETS)   # the task presets (`labels.TASK_PRESETS`); a study file may declare its own under `tasks:`
 THATCHERS = ('none', 'train', 'test', 'both')
 _NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.+-]*')
 _ID_OPTIONAL = {'thatcher': 'none'}   # fields added later: left out of the run id at their default, so older runs keep their ids

@@ -14,7 +14,7 @@ import pandas as pd
 from ..core import UserError, stable_hash, sha256_file, run_paths, write_study_record
 from ..config import add_config_arguments, config_from_args, add_common_arguments, ResultMixin
 from ..faces.preprocess import preprocess as faces_preprocess
-from ..labels.tables import LabelSpec, load_labels
+from ..labels.tables import LabelSpec, load_labels, get_task, check_task_data
 from .config import (RunConfig, StudyData, StudyFile, load_study, expand_grid, check_executor_options,
                                       manifest_path, study_labels, preprocess_options, variant_options, check_variant)
 from .runner import run_one, acquire_lock, release_lock, read_state, set_state, write_config, launcher_rank
@@ -166,6 +166,9 @@ def run_grid(study_or_configs, # a study file/dict/`StudyFile`, or a list of Run
         write_study_record(Path(runs_root).resolve().parent, st.name, data.labels_table, data.images, data.preprocessed,
                            runs=str(Path(runs_root).resolve()), preprocess={v: check_variant(data, v) for v in dict.fromkeys(c.variant for c in configs)})
         write_study_labels(Path(runs_root).resolve().parent, data)   # the tidy labels and the agreement of sources and raters
+    if configs:   # a task the data cannot serve is a one-line error before anything trains (not a failed run)
+        table = study_labels(data)
+        for t, s in dict.fromkeys((c.task, c.label_source) for c in configs): check_task_data(table, get_task(t, s, data.tasks))
     todo = []
     for c in configs:
         s = read_state(runs_root, c.run_id)

@@ -7,6 +7,7 @@ Docs: https://mugshotrace.github.io/mugshotrace/api/study.runner.html.md"""
 
 # %% ../../nbs/api/36_study.runner.ipynb #3688f0ce
 from __future__ import annotations
+from collections import Counter
 import contextlib, json, os, shutil, socket, sys, threading, time, traceback, uuid
 from pathlib import Path
 import numpy as np
@@ -252,7 +253,8 @@ def train_and_evaluate(cfg:RunConfig, data:StudyData, paths:RunPaths, force_resu
         write_json(pdir/f'{stem}.json', {'run_id': cfg.run_id, 'dataset': name, 'label_source': src, 'variant': v,
             'group': name.split('/', 1)[1] if '/' in name else None, 'model_sha256': info['weights_sha256'], 'task': cfg.task,
             'inverted': inv, 'thatcher': cfg.thatcher in (('train', 'both') if name == 'valid' else ('test', 'both')), 'n': len(df)})
-        m = {'n': len(df), 'accuracy': float((df.Prediction == df.label).mean()) if len(df) else None, 'label_source': src, 'inverted': inv}
+        m = {'n': len(df), 'accuracy': float((df.Prediction == df.label).mean()) if len(df) else None, 'label_source': src, 'inverted': inv,
+             'dropped': dict(Counter(r.split(':')[0] for r in its.attrs.get('dropped', {}).values()))}   # e.g. Thatcherising found no face
         if 'truth' in df: m['accuracy_vs_truth'] = float((df.Prediction == df.truth).mean()) if len(df) else None
         datasets[name if v == cfg.variant else f'{v}:{name}'] = m
     metrics = {'run_id': cfg.run_id, 'datasets': datasets, 'train': {**used, 'epochs': cfg.epochs, 'size': size, **tdata},
