@@ -178,12 +178,12 @@ def _check_hisp_run(run):
     acc = float((pr.Prediction == pr.label).mean()); print('hisp test accuracy', acc, len(pr)); assert acc > 0.8                       # the stripe is visible
 
 def test_custom_task_merge_drop_api(data):
-    "Through `run_grid(configs, data=...)` with `StudyData.tasks` (works before the study file accepts `tasks:`)."
+    "Through the Python API: `run_grid(configs, data=...)` with the task in `StudyData.tasks`."
     from mugshotrace.study.config import load_study
     from mugshotrace.study.grid import run_grid
-    p = write_study(data, 's_hisp_api', {'task': ['hisp']})
-    st = load_study(p)
-    df = run_grid(list(st.runs), data=replace(st.data, tasks=HISP), runs_root=p.parent/'runs', progress=False)
+    p = write_study(data, 's_hisp_api', {'task': ['hisp']}, tasks=HISP)
+    st = load_study(p); assert st.data.tasks == HISP
+    df = run_grid(list(st.runs), data=st.data, runs_root=p.parent/'runs', progress=False)
     assert list(df.state) == ['done'], df
     [run] = run_folders(p.parent); _check_hisp_run(run)
     assert main(['audit', str(p.parent/'runs'), '--n-boot', '0', '--no-progress', '--no-figures']) == 0
@@ -209,12 +209,12 @@ def test_custom_task_from_study_file(data):
 @pytest.mark.parametrize('task,message', [
     ('nope', "unknown task 'nope'; presets: gender2, race2, race5, race7, race_eth4, skin2"),
     ('race5', "task race5: class(es) ['Asian', 'Indian', 'Others'] absent from the data under label source 'court'"),
-    ('skin2', "task skin2: the labels have no skin_tone_court")])
+    ('skin2', "task skin2 needs attribute(s) ['skin_tone'] that label source 'court' does not label")])
 def test_task_errors_are_one_line(data, capsys, task, message):
     "From `mugshotrace run`: a non-zero exit and the reason on one line (a failed run's line, or a pre-flight error), nothing trained."
     p = write_study(data, f's_err_{task}', {'task': [task]})
     rc = main(['run', str(p), '--no-progress'])
     err = capsys.readouterr().err
-    assert rc in (1, 2) and 'Traceback' not in err, err
+    assert rc == 2 and 'Traceback' not in err, err   # checked before anything trains (load_study, run_grid)
     assert len([l for l in err.splitlines() if message in l]) == 1, err
     assert not any((run/'model.safetensors').exists() for run in run_folders(p.parent))
