@@ -218,3 +218,16 @@ def test_task_errors_are_one_line(data, capsys, task, message):
     assert rc == 2 and 'Traceback' not in err, err   # checked before anything trains (load_study, run_grid)
     assert len([l for l in err.splitlines() if message in l]) == 1, err
     assert not any((run/'model.safetensors').exists() for run in run_folders(p.parent))
+
+
+def test_decode_once_cache_changes_nothing(data):
+    "`data.cache` (the runs' decode-once image cache, on by default) gives bit-identical weights and predictions."
+    a = write_study(data, 's_cache_on', {'task': ['race2']}, epochs=2, aug=True)
+    b = write_study(data, 's_cache_off', {'task': ['race2']}, epochs=2, aug=True)
+    d = yaml.safe_load(b.read_text()); d['data']['cache'] = False; b.write_text(yaml.safe_dump(d, sort_keys=False))
+    for p in (a, b): assert main(['run', str(p), '--no-progress']) == 0
+    [ra], [rb] = run_folders(a.parent), run_folders(b.parent)
+    assert ra.name == rb.name                                                  # the cache is not part of the run id
+    assert any((data/'faces'/'.cache').rglob('*.npy'))                         # the cached run really read the cache
+    assert read_json(ra/'model.json')['weights_sha256'] == read_json(rb/'model.json')['weights_sha256']
+    for f in sorted((ra/'preds').rglob('*.csv')): assert f.read_bytes() == (rb/f.relative_to(ra)).read_bytes(), f

@@ -132,6 +132,11 @@ class StudyData:
     preprocess:dict=field(default_factory=dict) # options for `faces.preprocess` (size, workers, …)
     truth:str|None=None # a synth benchmark folder with truth.json
     tasks:dict=field(default_factory=dict) # the study file's own tasks {name: {attributes, classes, …}} (`labels.get_task`)
+    cache:bool|str=True # decode-once image cache (`train.cache`) shared by the runs: True `<preprocessed>/.cache`, a folder, or False
+    @property
+    def cache_dir(self)->Path|None:
+        "Where the runs' decoded images are cached (batches are bit-identical with or without it), or None."
+        return None if self.cache is False else Path(self.preprocessed)/'.cache' if self.cache is True else Path(self.cache)
     @property
     def sources(self)->dict: return dict(self.label_spec.get('sources') or {})   # the FairFace/UTKFace/votes sources
 
@@ -170,7 +175,7 @@ def _abs(base:Path, p)->str|None: return None if p is None else str((base/str(p)
 
 RUNTIME_PREPROCESS_OPTIONS = ('workers', 'progress', 'shard', 'batch_size', 'device', 'private')   # how, not what: not in any hash
 STUDY_KEYS = ('name', 'description', 'data', 'tasks', 'train', 'grid', 'runs', 'executor')
-DATA_KEYS = ('labels', 'images', 'preprocessed', 'preprocess', 'truth')
+DATA_KEYS = ('labels', 'images', 'preprocessed', 'preprocess', 'truth', 'cache')
 TASK_KEYS = ('attributes', 'classes', 'merge', 'drop')
 _SOURCE_ATTRS = {'fairface': ('race', 'ethnicity', 'gender', 'age'), 'utkface': ('race', 'gender', 'age')}   # votes: what was voted on
 
@@ -232,6 +237,11 @@ def _check_preprocess(pp:dict)->dict:
     _unknown(pp, [f.name for f in fields(FaceOptions) if f.name != 'variant'] + list(RUNTIME_PREPROCESS_OPTIONS), 'data.preprocess')
     return pp
 
+def _cache_option(v, base)->bool|str:
+    if isinstance(v, bool): return v
+    if isinstance(v, str) and v: return _abs(base, v)
+    raise UserError(f'data.cache must be true, false or a folder, not {v!r}')
+
 def load_study(study, # a YAML path, or the parsed dict
                base_dir=None # folder relative paths refer to (default: the file's folder, or cwd)
               )->StudyFile:
@@ -255,7 +265,8 @@ def load_study(study, # a YAML path, or the parsed dict
     table, spec, attrs = _label_section(_mapping(dd['labels'], 'data.labels'), base)
     tasks = check_tasks(d.get('tasks'))
     data = StudyData(table, spec, _abs(base, dd['images']), _abs(base, dd['preprocessed']),
-                     _check_preprocess(_mapping(dd.get('preprocess'), 'data.preprocess')), _abs(base, dd.get('truth')), tasks)
+                     _check_preprocess(_mapping(dd.get('preprocess'), 'data.preprocess')), _abs(base, dd.get('truth')), tasks,
+                     _cache_option(dd.get('cache', True), base))
     train, grid = _mapping(d.get('train'), 'train'), d['grid']
     if isinstance(grid, (list, tuple)) and len(grid) > 1:   # name the grid that is wrong
         for i, g in enumerate(grid):

@@ -216,7 +216,7 @@ def train_and_evaluate(cfg:RunConfig, data:StudyData, paths:RunPaths, force_resu
         return thatcher_manifest(data.preprocessed, v, vman) if cfg.thatcher in (at, 'both') else vman
     items = D.items_from(faces_of(cfg.variant, man, 'train'), L.task_labels(table, task), sample.train + sample.valid, sample.valid)
     dls = D.face_dataloaders(items, size, spec.mean, spec.std, bs=cfg.bs, aug=cfg.aug, seed=cfg.seed,
-                             weighted=cfg.weighted, classes=list(task.classes))
+                             weighted=cfg.weighted, classes=list(task.classes), cache_dir=data.cache_dir)   # decode once (train.cache)
     classes = [str(c) for c in dls.vocab]   # the model's output order (fastai may sort the task's classes): every output follows it
     if sorted(classes) != sorted(task.classes): raise UserError(f'task {task.name}: the data loaders have classes {classes}, not {list(task.classes)}')
     learn = face_learner(dls, spec, init=cfg.init, seed=cfg.seed, path=paths.root, model_dir='.models')   # lr_find's scratch
