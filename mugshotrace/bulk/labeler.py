@@ -134,6 +134,9 @@ class Labeler:
         self.model, self.meta, self.spec = model.eval().to(device), meta, BundleSpec.from_meta(meta)
         self.tta, self.T, self.preprocessed, self.device, self.bs, self.workers = tta, float(temperature), preprocessed, device, bs, workers
         self.invert = meta.get('invert') in ('test', 'both')  # upside-down faces at test time, as the runner did
+        if meta.get('thatcher') in ('test', 'both'):   # its test sets were Thatcherised faces: labels of plain faces would not be what it was audited on
+            raise UserError(f"this bundle was evaluated on Thatcherised faces (thatcher={meta['thatcher']!r}); bulk labelling applies no "
+                            "Thatcher transform: label with a bundle trained with thatcher 'none' or 'train'")
         self.mean = torch.tensor(self.spec.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(self.spec.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
 
