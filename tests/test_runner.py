@@ -246,3 +246,23 @@ def test_status_states_and_cli(tmp_path, capsys, monkeypatch):
     write_json(run_paths(runs, 'f').state, {'state': 'failed', 'error': 'x'})
     args = p.parse_args(['status', str(tmp_path/'runs'), '--watch', '--interval', '0.01'])
     assert args.func(args) == 0 and '5 done, 2 failed' in capsys.readouterr().out   # --watch stops once every run is done or failed
+
+# ---- 5b. workers stay alive across runs (warm-up paid once per worker and architecture) ----
+
+def test_workers_stay_alive_and_keep_their_architecture(toy_root):
+    "Two workers, four runs of two architectures: two processes in all, and the warm worker gets its architecture's next run."
+    from mugshotrace.study.grid import fingerprint_configs
+    from mugshotrace.study.local import run_local
+    p = _study(toy_root, 'warm', grid={'arch': ['tiny_cnn', 'resnet18'], 'variant': ['original'], 'label_source': ['court', 'student']}, size=32)
+    st = load_study(p); cs = {(c.arch, c.label_source): c for c in fingerprint_configs(st.runs, st.data)}
+    # queued tiny, resnet, resnet, tiny: the worker warm on tiny_cnn (done first) skips the queued resnet18 for the tiny_cnn run
+    todo = [cs['tiny_cnn', 'court'], cs['resnet18', 'court'], cs['resnet18', 'student'], cs['tiny_cnn', 'student']]
+    log = []
+    rows = run_local(todo, st.data, st.runs_root, workers=2, runs_log=log)
+    assert [r['action'] for r in rows] == ['done'] * 4, rows
+    arch = {c.run_id: c.arch for c in todo}
+    pids = {}
+    for slot, pid, rid in log: pids.setdefault(pid, []).append(arch[rid])
+    assert len(log) == 4 and len(pids) == 2, pids                                  # two processes ran all four runs
+    assert any(v[:2] == ['tiny_cnn', 'tiny_cnn'] for v in pids.values()), pids     # the tiny_cnn runs back to back in one worker
+    for rid in arch: assert [h['state'] for h in read_state(st.runs_root, rid)['history']] == ['running', 'done']

@@ -22,6 +22,7 @@ from .folder import find_runs
 from .slurm import SubmititRun, submit_slurm_array
 from ..train.archs import INIT_PRESETS
 from .sources import write_study_labels, labels_fingerprint
+from .local import local_worker, run_local
 from .plan import resolve_study, list_studies, run_work, PlanResult, plan_runs, format_plan
 
 # %% auto #0
@@ -62,54 +63,14 @@ def select_runs(configs, only:str|None=None)->list[RunConfig]:
     pats = [p.strip() for p in only.split(',') if p.strip()]
     return [c for c in configs if any(fnmatch.fnmatch(c.name, p) or fnmatch.fnmatch(c.run_id, p) for p in pats)]
 
-def _local_worker(cfg, data, runs_root, retry_failed, gpu, force_resume=False):
-    "One run in a fresh worker process (the target of `_run_local`'s processes)."
-    if gpu is not None: os.environ['CUDA_VISIBLE_DEVICES'] = str(gpu)
-    run_one(cfg, data, runs_root, retry_failed=retry_failed, force_resume=force_resume)
-
-def _death_reason(code:int)->str:
-    import signal
-    if code < 0:
-        try: name = signal.Signals(-code).name
-        except ValueError: name = str(-code)
-        return f'the worker process died (signal {name}{", e.g. out of memory" if name == "SIGKILL" else ""})'
-    return f'the worker process exited with code {code} before the run finished'
-
-def _record_dead_worker(runs_root, cfg, reason:str)->None:
-    "Mark a run whose worker process died as failed (under its lock, which the dead process no longer holds)."
-    paths = run_paths(runs_root, cfg.run_id)
-    token = acquire_lock(paths)
-    if token is None: return                           # someone else is running it now: their state wins
-    try:
-        if read_state(runs_root, cfg.run_id).get('state') != 'done': set_state(paths, 'failed', error=f'WorkerDied: {reason}')
-    finally: release_lock(paths, token)
+_local_worker = local_worker   # what a local worker process does for one run (`study.local`; tests replace it)
 
 def _run_local(todo, data, runs_root, workers, retry_failed, progress, force_resume=False):
-    if workers <= 1:
+    if workers <= 1:   # in this process, one run after another (warm state shared by all of them)
         from tqdm.auto import tqdm
         return [run_one(c, data, runs_root, retry_failed=retry_failed, force_resume=force_resume)
                 for c in tqdm(todo, desc='runs', disable=not progress)]
-    import multiprocessing as mp, torch
-    from multiprocessing.connection import wait
-    ngpu = torch.cuda.device_count()
-    ctx = mp.get_context('spawn')
-    queue = [(c, retry_failed, 0) for c in todo]; slots = {}   # slot -> (process, config, tries)
-    while queue or slots:
-        for i in range(workers):
-            if i in slots or not queue: continue
-            c, retry, tries = queue.pop(0)
-            p = ctx.Process(target=_local_worker, args=(c, data, runs_root, retry, i % ngpu if ngpu else None, force_resume), daemon=False)
-            p.start(); slots[i] = (p, c, tries)
-        wait([p.sentinel for p, _, _ in slots.values()], timeout=5)
-        for i, (p, c, tries) in list(slots.items()):
-            if p.is_alive(): continue
-            p.join(); del slots[i]
-            if p.exitcode == 0: continue
-            reason = _death_reason(p.exitcode)
-            _record_dead_worker(runs_root, c, reason)
-            print(f'{c.name} ({c.run_id}): {reason}' + ('; retrying it once in a fresh worker' if tries == 0 else '; not retried again'), file=sys.stderr)
-            if tries == 0: queue.append((c, True, 1))
-    return [{'run_id': c.run_id, 'action': read_state(runs_root, c.run_id).get('state', 'pending')} for c in todo]
+    return run_local(todo, data, runs_root, workers, retry_failed, force_resume, worker=_local_worker)
 
 def _run_submitit(todo, data, runs_root, retry_failed, opts, setup_commands=(), force_resume=False, log_dir=None):
     import submitit
