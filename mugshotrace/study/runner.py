@@ -26,8 +26,9 @@ from .predictions import preds_frame, truth_frame
 
 # %% auto #0
 __all__ = ['PAUSE_FILE', 'read_state', 'write_config', 'set_state', 'acquire_lock', 'release_lock', 'lock_is_held',
-           'heartbeat_age', 'Heartbeat', 'InvertBatch', 'EpochLog', 'PauseFile', 'train_learner', 'dataset_file_name',
-           'predict_items', 'other_variants', 'train_and_evaluate', 'launcher_rank', 'slurm_job_env', 'run_one']
+           'heartbeat_age', 'Heartbeat', 'InvertBatch', 'EpochLog', 'PauseFile', 'resolve_precision', 'train_learner',
+           'dataset_file_name', 'predict_items', 'other_variants', 'train_and_evaluate', 'launcher_rank',
+           'slurm_job_env', 'run_one']
 
 # %% ../../nbs/api/36_study.runner.ipynb #b9321feb
 def read_state(runs_root, run_id:str)->dict:
@@ -107,6 +108,7 @@ class Heartbeat:
 
 # %% ../../nbs/api/36_study.runner.ipynb #911cdfdc
 from fastai.callback.core import Callback
+from ..train.archs import gpu_recipe
 
 class InvertBatch(Callback):
     "Rotate every input image by 180° (upside-down faces) before the model sees it."
@@ -135,6 +137,18 @@ class PauseFile(Callback):
         t0 = time.time()
         while self.path.exists() and time.time() - t0 < self.max_s: time.sleep(self.poll)
 
+def resolve_precision(precision:str, # the run's `precision` ('auto', 'fp32', 'fp16', 'bf16')
+                      arch:str, # its architecture
+                      gpu:bool, # training on a CUDA device
+                      bf16_ok:bool=True # the device supports bf16
+                     )->dict:
+    "What the run trains with: precision, channels_last and why (`auto` on a GPU: the architecture's measured recipe)."
+    if not gpu: return {'precision': 'fp32', 'channels_last': False, 'recipe_basis': 'CPU: fp32'}
+    if precision != 'auto': return {'precision': precision, 'channels_last': True, 'recipe_basis': f'precision: {precision} (asked)'}
+    r = gpu_recipe(arch)
+    prec = 'fp32' if r['precision'] == 'fp32' else ('bf16' if bf16_ok else 'fp16')
+    return {'precision': prec, 'channels_last': r['channels_last'], 'recipe_basis': r['basis']}
+
 def train_learner(learn, # a `face_learner`
                   cfg:RunConfig, # the recipe
                   log_path=None, # where `EpochLog` writes
@@ -153,11 +167,11 @@ def train_learner(learn, # a `face_learner`
         keep = (old.phase <= ck['phase']) | ((old.phase == ck['phase'] + 1) & (old.epoch.astype(int) < ck['epoch']))
         rows = old[keep].astype(str).to_dict('records')
     gpu = torch.cuda.is_available(); device = 'cuda' if gpu else 'cpu'
-    prec = (cfg.precision if cfg.precision != 'auto' else ('bf16' if torch.cuda.is_bf16_supported() else 'fp16')) if gpu else 'fp32'
+    rec = resolve_precision(cfg.precision, cfg.arch, gpu, gpu and torch.cuda.is_bf16_supported()); prec = rec['precision']
     if ck: check_resume_environment(ck, device, prec, force=force_resume)
     if cfg.distributed and torch.cuda.device_count() < 2: raise UserError('distributed: true needs several GPUs (launch with `accelerate launch`)')
     if gpu:
-        learn.to_channelslast()
+        if rec['channels_last']: learn.to_channelslast()
         if prec == 'fp16': learn.to_fp16()
         elif prec == 'bf16': learn.to_bf16()
     lr = ck['lr'] if ck else cfg.lr
@@ -176,7 +190,7 @@ def train_learner(learn, # a `face_learner`
     with ctx, learn.no_bar(), learn.no_logging():
         res = fit_phases(learn, phases, None if cfg.distributed else checkpoint, key, cbs, info={'lr': lr, 'device': device, 'precision': prec}, resume=ck)
     if gpu and prec != 'fp32': learn.to_fp32()
-    return {'lr': lr, 'precision': prec, 'device': device, **res}
+    return {'lr': lr, 'precision': prec, 'device': device, 'channels_last': rec['channels_last'], 'recipe_basis': rec['recipe_basis'], **res}
 
 # %% ../../nbs/api/36_study.runner.ipynb #d48143ef
 def dataset_file_name(dataset:str)->str:

@@ -17,9 +17,9 @@ from .weights import (pretrained_file, weight_source, _read_state_dict, _read_we
                                        face_weights_file, face_weight_source, load_weights_file, save_weights)
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'ARCHS', 'PHASE1_ARCHS', 'PHASE2_ARCHS', 'INIT_PRESETS', 'ArchSpec', 'register_arch',
-           'get_arch', 'StageSplitter', 'split_by', 'default_archs', 'check_init', 'fetch_weights', 'n_features',
-           'build_model', 'convert_weights']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'ARCHS', 'PHASE1_ARCHS', 'PHASE2_ARCHS', 'GPU_MEASURED', 'INIT_PRESETS', 'ArchSpec',
+           'register_arch', 'get_arch', 'StageSplitter', 'split_by', 'default_archs', 'gpu_recipe', 'check_init',
+           'fetch_weights', 'n_features', 'build_model', 'convert_weights']
 
 # %% ../../nbs/api/28_train.archs.ipynb #01e4eb28
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -160,6 +160,20 @@ def default_archs()->dict[str, ArchSpec]:
 ARCHS.update(default_archs())
 PHASE1_ARCHS = ('resnet50', 'alexnet', 'inception_v4', 'legacy_seresnet50', 'legacy_seresnext50_32x4d', 'vgg16_bn', 'vgg19_bn')
 PHASE2_ARCHS = ('alexnet', 'densenet161', 'inception_v4', 'resnet50', 'legacy_seresnet50', 'legacy_seresnext50_32x4d', 'vgg19_bn')
+
+# %% ../../nbs/api/28_train.archs.ipynb #8e91be2c
+GPU_MEASURED = {   # arch: (mixed bf16 + channels_last img/s, fastai fp32 img/s), one H200, issue 19
+    'alexnet': (14129, 15044), 'resnet50': (2549, 2362), 'legacy_seresnet50': (1514, 1806), 'legacy_seresnext50_32x4d': (1928, 1488),
+    'densenet161': (797, 761), 'vgg19_bn': (1998, 1191), 'inception_v4': (788, 679)}
+
+def gpu_recipe(arch:str)->dict:
+    "Default GPU recipe of `arch` under `precision: auto`: 'mixed' (+ channels_last) where measured faster, else fastai's 'fp32'."
+    m = GPU_MEASURED.get(get_arch(arch).name)
+    if m is None: return {'precision': 'mixed', 'channels_last': True, 'basis': 'not measured: the mixed recipe'}
+    mixed = m[0] >= m[1]
+    return {'precision': 'mixed' if mixed else 'fp32', 'channels_last': mixed,
+            'basis': f'H200 (issue 19): mixed {m[0]} vs fp32 {m[1]} img/s ({m[0] / m[1]:.2f}x)'}
+
 
 # %% ../../nbs/api/28_train.archs.ipynb #2c0b31e9
 INIT_PRESETS = ('imagenet', 'random', *FACE_WEIGHTS)   # every other init is a path to a .safetensors file
