@@ -3,8 +3,9 @@
 skin tone is its own attribute (P(Darker | Black) = 0.7, P(Darker | White) = 0.3). About 30 s on 2 cores.
 
 Measured once (2026-11-30): gender2 valid 41/41 (95% CI low 0.914), student/Male 0.909, student/Female 0.968; skin2 valid
-41/41; the race model (race drawn as lip geometry) is right on 0.892 of persons whose tone agrees with their race and
-0.556 where it does not: on this benchmark it reads skin tone as a proxy."""
+41/41; the race model (race drawn as lip geometry), on its held-out test images, is right on 0.935 [0.793, 0.982]
+(Wilson 95%, n=31) where skin tone agrees with race and 0.591 [0.387, 0.767] (n=22) where it does not (Fisher p = 0.004;
+images, not persons): on this benchmark it reads skin tone as a proxy. Printed, not asserted: it is a finding."""
 import json
 import pandas as pd, pytest, yaml
 from scipy import stats
@@ -53,10 +54,15 @@ def test_other_attribute_tasks_train_and_audit_like_race(study, task, attribute,
 
 def test_skin_tone_as_a_proxy_for_race_is_measurable(study):
     "The seed's question, asked of the race model: its accuracy where skin tone agrees with race vs where it does not (printed)."
-    pr = pd.concat([pd.read_csv(f) for f in (_run(study, 'race2')/'preds').glob('*.csv')], ignore_index=True)
+    run = _run(study, 'race2')   # held-out test images, each once (court and student test sets hold the same people)
+    pr = pd.concat([pd.read_csv(f) for f in (run/'preds').glob('*.csv') if f.stem != 'valid'], ignore_index=True).drop_duplicates('image_id')
     assert {'true_race', 'true_skin_tone'} <= set(pr.columns)
     agree = ((pr.true_race == 'Black') & (pr.true_skin_tone == 'Darker')) | ((pr.true_race == 'White') & (pr.true_skin_tone == 'Lighter'))
     ok = pr.Prediction == pr.true_race
-    print(f'race model accuracy: tone agrees with race {ok[agree].mean():.3f} (n={int(agree.sum())}), '
-          f'disagrees {ok[~agree].mean():.3f} (n={int((~agree).sum())})')
-    assert agree.sum() > 20 and (~agree).sum() > 20                         # both kinds of person are in the benchmark
+    from statsmodels.stats.proportion import proportion_confint
+    ci = lambda m: '[{:.3f}, {:.3f}]'.format(*proportion_confint(int(ok[m].sum()), int(m.sum()), method='wilson'))
+    p = stats.fisher_exact([[ok[agree].sum(), (~ok[agree]).sum()], [ok[~agree].sum(), (~ok[~agree]).sum()]]).pvalue
+    print(f'race model accuracy on held-out images (images, not persons: persons with two bookings count twice): tone agrees '
+          f'with race {ok[agree].mean():.3f} {ci(agree)} (n={int(agree.sum())}), disagrees {ok[~agree].mean():.3f} {ci(~agree)} '
+          f'(n={int((~agree).sum())}), Fisher p = {p:.2g}')
+    assert agree.sum() > 10 and (~agree).sum() > 10                         # both kinds of person are in the benchmark
