@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
 from ..core import UserError, stable_hash, read_json
 from ..faces.preprocess import FaceOptions
-from ..labels.tables import LabelSpec, load_labels, get_task, TASK_PRESETS
+from ..labels.tables import LabelSpec, get_task, TASK_PRESETS
 from .sources import (TABLE_KEYS, LABELS_KEYS, SOURCE_KEYS, parse_sources, study_table, check_source_name,
                                        check_class_name)
 from ..train.archs import PHASE1_ARCHS, PHASE2_ARCHS, get_arch, check_init, INIT_PRESETS

@@ -7,17 +7,17 @@ Docs: https://mugshotrace.github.io/mugshotrace/api/study.grid.html.md"""
 
 # %% ../../nbs/api/35_study.grid.ipynb #f82a939a
 from __future__ import annotations
-import argparse, fnmatch, os, sys
+import argparse, fnmatch, sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 import pandas as pd
-from ..core import UserError, stable_hash, sha256_file, run_paths, write_study_record
+from ..core import UserError, stable_hash, sha256_file, write_study_record
 from ..config import add_config_arguments, config_from_args, add_common_arguments, ResultMixin
 from ..faces.preprocess import preprocess as faces_preprocess
-from ..labels.tables import LabelSpec, load_labels, get_task, check_task_data
+from ..labels.tables import get_task, check_task_data
 from .config import (RunConfig, StudyData, StudyFile, load_study, expand_grid, check_executor_options,
                                       manifest_path, study_labels, preprocess_options, variant_options, check_variant)
-from .runner import run_one, acquire_lock, release_lock, read_state, set_state, write_config, launcher_rank
+from .runner import run_one, read_state, write_config, launcher_rank
 from .folder import find_runs
 from .slurm import SubmititRun, submit_slurm_array
 from ..train.archs import INIT_PRESETS
