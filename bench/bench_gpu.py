@@ -1,250 +1,231 @@
-"""The GPU benchmark of issue 19: per registered architecture, training images/s of the package's recipe (bf16
-autocast + channels_last, as `study.runner.train_learner` sets it on a GPU) against fastai's fp32 defaults, compute-
-bound (random uint8 images already on the device, `fit_one_cycle` through fastai, random init); a plain PyTorch
-loop with the recipe (what fastai's per-batch callbacks cost); the per-run fixed costs (model build, first epoch minus
-a steady epoch, saving the bundle, predictions); the data path alone (today's fastai loader vs the decode-once cache,
-`bench/bench_data.py`, with augmentation on the device); and a projection of the balanced Phase 2 grid (42 runs)
-from these measured per-run costs. Writes `results.csv`, `data_path.csv` and `results.md` into `--out`.
+"""The GPU benchmark of issue 19, one command within a time budget. Per registered architecture: steady training
+images/s of each recipe (fastai's fp32 default, bf16 + channels_last, and variants: bf16 alone, channels_last alone,
+TF32, `torch.compile`), compute-bound (random uint8 images already on the device, `fit_one_cycle` through fastai,
+random init, the recipe applied as the runner applies it); a plain PyTorch loop (what fastai's per-batch callbacks
+cost); the per-run fixed costs (model build, first epoch minus a steady one, a second run's warm-up in the same
+process, saving, predictions, starting a worker process); peak device memory; the data path alone (today's fastai
+loader vs the decode-once cache, augmentation on the device); several runs sharing one device; the fidelity of each
+chosen recipe (held-out accuracy against fp32, same data and seeds); and the balanced Phase 2 grid (42 runs)
+projected from the measured per-run costs, before (fastai fp32, a fresh process and warm-up per run) and after
+(each architecture's fastest measured recipe, warm workers).
 
-Full size wherever CUDA is present; `--toy` (the default without CUDA) runs tiny images, two small architectures
-and a few batches on the CPU so that CI keeps the script working (`tests/test_bench.py`).
+Parts run in order of importance and each unit checks the time budget first (`--budget-s`), so a device session
+that must end gets the most important numbers; every table is rewritten after each unit (a killed run leaves what
+it measured). Writes `results.csv`, `data_path.csv`, `share.csv`, `fidelity.csv`, `projection.csv`, `env.json`,
+`results.md` and `gpu_measured.txt` (the measured table in the form of `mugshotrace.train.archs.GPU_MEASURED`).
 
-    python bench/bench_gpu.py                         # CUDA: every registered Phase 2 architecture, full size
-    python bench/bench_gpu.py --archs resnet50,alexnet --n-train 4096 --epochs 3 --bs 128
-    python bench/bench_gpu.py --toy --out /tmp/gpu_toy  # CPU smoke run
-    python bench/bench_gpu.py --profile resnet50        # + PyTorch profiler table of 10 recipe steps
+Full size wherever CUDA is present; `--toy` (the default without CUDA) runs tiny images, small architectures and a
+few batches on the CPU so that CI keeps the script working (`tests/test_bench.py`).
+
+    python bench/bench_gpu.py                               # CUDA: the 7 Phase 2 architectures, all parts, 500 s budget
+    python bench/bench_gpu.py --parts table,data --archs resnet50,alexnet
+    python bench/bench_gpu.py --toy --out /tmp/gpu_toy      # CPU smoke run
 """
-import argparse, contextlib, os, sys, tempfile, time
+import argparse, os, sys, tempfile, time
 from pathlib import Path
 import numpy as np, pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))   # bench_data (the data path alone)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_parts as P
 
+PARTS = ('table', 'data', 'variants', 'warm', 'share', 'fidelity', 'compile', 'profile')   # in order of importance
 # the balanced run of bench/phase2_plan.md §2: fine_tune = 1 frozen + 4 unfrozen epochs of 3,200 training images
 # (the frozen epoch counted as a full training epoch: an upper bound), 5 × 800 validation + 4 × 1,000 test predictions
 BALANCED_RUN = dict(train_images=5 * 3200, predict_images=5 * 800 + 4 * 1000, runs_per_arch=6)
+BASELINE, OLD_RECIPE = 'fp32', 'bf16+cl'
+INT_ARGS = {'bs', 'n-train', 'n-valid', 'epochs', 'size', 'workers', 'blocks', 'data-n', 'data-size', 'data-bs',
+            'fid-size', 'fid-n', 'fid-seeds', 'fid-epochs', 'fid-bs'}
 
 
-def sync(device):
-    import torch
-    if device.type == 'cuda': torch.cuda.synchronize(device)
+def defaults(toy:bool, ncpu:int)->dict:
+    from mugshotrace.train.archs import PHASE2_ARCHS
+    if toy:
+        return dict(archs='tiny_cnn,resnet18', bs=8, n_train=16, n_valid=8, epochs=2, size=32, workers=0, blocks=1, data_n=24,
+                    data_size=32, data_bs=8, budget_s=0, parts='table,data,variants,warm,share,fidelity', variant_archs='tiny_cnn',
+                    variants='bf16,fp32+cl,tf32', plain_archs='tiny_cnn', warm_archs='tiny_cnn', share_arch='tiny_cnn', share_k='1,2',
+                    fid_archs='tiny_cnn', fid_size=32, fid_n=96, fid_seeds=2, fid_epochs=3, fid_bs=16, fid_lr=1e-2,
+                    compile_archs='tiny_cnn', profile_arch='tiny_cnn')
+    return dict(archs=','.join(PHASE2_ARCHS), bs=128, n_train=2048, n_valid=1024, epochs=3, size=None, workers=min(15, ncpu - 1),
+                blocks=2, data_n=4096, data_size=299, data_bs=128, budget_s=500, parts=','.join(PARTS),
+                variant_archs='alexnet,legacy_seresnet50', variants='bf16,fp32+cl,tf32', plain_archs='alexnet,resnet50',
+                warm_archs='resnet50,densenet161', share_arch='alexnet', share_k='1,2,4', fid_archs='resnet50,vgg19_bn',
+                fid_size=128, fid_n=0, fid_seeds=2, fid_epochs=5, fid_bs=64, fid_lr=2e-3, compile_archs='resnet50', profile_arch='legacy_seresnet50')
 
 
-def device_dls(n, size, mean, std, bs, device, seed=0, n_valid=None, aug=False):
-    "fastai DataLoaders over random uint8 images that live on `device` (no decoding, no host-to-device copies)."
-    import torch
-    from fastai.data.core import TfmdDL, DataLoaders
-    from fastai.torch_core import TensorImage, TensorCategory
-    from fastai.vision.all import IntToFloatTensor, Normalize, aug_transforms
-    from fastcore.basics import chunked
-    from mugshotrace.train.data import FACE_AUG
-
-    class DeviceDL(TfmdDL):
-        "Batches are slices of tensors already on the device."
-        def __init__(self, dataset=None, x=None, y=None, **kw):
-            self.x, self.y = x, y; super().__init__(dataset=dataset, **kw)
-        def new(self, dataset=None, cls=None, **kw):
-            r = super().new(dataset=dataset, cls=cls, **kw); r.x, r.y = self.x, self.y; return r
-        def create_batches(self, samps):
-            for b in chunked(samps, self.bs, self.drop_last):
-                i = torch.as_tensor(b, device=self.x.device)
-                yield TensorImage(self.x[i]), TensorCategory(self.y[i])
-
-    g = torch.Generator().manual_seed(seed)
-    def dl(k, shuffle):
-        x = torch.randint(0, 256, (k, 3, size, size), generator=g, dtype=torch.uint8).to(device)
-        y = torch.randint(0, 2, (k,), generator=g).to(device)
-        tf = [IntToFloatTensor()] + (aug_transforms(size=None, **FACE_AUG) if aug else []) + [Normalize.from_stats(mean, std, cuda=device.type == 'cuda')]
-        return DeviceDL(list(range(k)), x=x, y=y, bs=bs, shuffle=shuffle, drop_last=shuffle, after_batch=tf, device=device)
-    dls = DataLoaders(dl(n, True), dl(n_valid or bs, False), device=device); dls.c = 2; dls.vocab = ['Black', 'White']
-    return dls
+def best_recipes(res:pd.DataFrame)->dict:
+    "Per arch, the measured recipe (no compile) with the most training images/s."
+    if not len(res): return {}
+    d = res[(res['mode'] == res['recipe']) & ~res['recipe'].str.contains('compile')]
+    return {a: g.loc[g.train_img_s.idxmax(), 'recipe'] for a, g in d.groupby('arch')}
 
 
-def epoch_timer(device):
-    from fastai.callback.core import Callback
-    class EpochTimer(Callback):
-        "Training seconds of every epoch (validation excluded), the device synchronised at both ends."
-        order = 99
-        def before_fit(self): self.times = []
-        def before_train(self): sync(device); self.t = time.perf_counter()
-        def after_train(self): sync(device); self.times.append(time.perf_counter() - self.t)
-    return EpochTimer()
-
-
-def bench_fastai(arch, mode, a, device, work):
-    "One mode (`recipe` or `fastai_fp32`) of one arch through fastai: build, epochs, save, predictions."
-    import torch
-    from mugshotrace.core import seed_everything
-    from mugshotrace.train.models import face_learner, get_arch, save_bundle
-    spec = get_arch(arch); size = a.size or max(spec.input_size, spec.min_size)
-    dls = device_dls(a.n_train, size, spec.mean, spec.std, a.bs, device, aug=a.aug)
-    seed_everything(0); sync(device); t = time.perf_counter()
-    learn = face_learner(dls, spec, init='random', seed=0); learn.model.to(device)
-    if mode == 'recipe':
-        learn.to_channelslast(); learn.to_bf16()
-    sync(device); build = time.perf_counter() - t
-    timer = epoch_timer(device)
-    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(a.epochs, 1e-3, cbs=[timer])
-    ep = timer.times; steady = float(np.median(ep[1:])) if len(ep) > 1 else ep[0]
-    if mode == 'recipe': learn.to_fp32()
-    t = time.perf_counter(); save_bundle(learn, work / f'{arch}-{mode}', {'arch': spec.name, 'classes': ['Black', 'White'], 'input_size': size}); save = time.perf_counter() - t
-    test = dls.valid.new(shuffle=False); n_pred = len(test.x)
-    if mode == 'recipe': learn.to_bf16()
-    sync(device); t = time.perf_counter()
-    with learn.no_bar(): learn.get_preds(dl=test)
-    sync(device); pred = time.perf_counter() - t
-    n_per_epoch = (a.n_train // a.bs) * a.bs
-    prec = 'bf16+channels_last' if mode == 'recipe' else 'fp32'
-    if mode == 'recipe' and device.type != 'cuda': prec += ' (autocast inactive: no CUDA)'
-    return {'arch': arch, 'mode': mode, 'precision': prec, 'input': size, 'bs': a.bs, 'device': str(device),
-            'train_img_s': n_per_epoch / steady, 'first_epoch_s': ep[0], 'steady_epoch_s': steady, 'warmup_s': ep[0] - steady,
-            'build_s': build, 'save_s': save, 'predict_img_s': n_pred / pred, 'epochs': len(ep)}
-
-
-def bench_plain(arch, a, device):
-    "A plain PyTorch loop with the recipe's precision (no fastai callbacks): steady training images/s."
-    import torch
-    from mugshotrace.train.models import build_model, get_arch
-    spec = get_arch(arch); size = a.size or max(spec.input_size, spec.min_size)
-    model = build_model(spec, 2, 'random', seed=0).to(device).to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), 1e-3); lossf = torch.nn.CrossEntropyLoss()
-    mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1); std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
-    x = torch.randint(0, 256, (a.n_train, 3, size, size), dtype=torch.uint8, device=device); y = torch.randint(0, 2, (a.n_train,), device=device)
-    ac = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == 'cuda' else contextlib.nullcontext()
-    times = []
-    for _ in range(a.epochs):
-        sync(device); t = time.perf_counter()
-        for s in range(0, a.n_train - a.bs + 1, a.bs):
-            xb = ((x[s:s + a.bs].float() / 255 - mean) / std).contiguous(memory_format=torch.channels_last)
-            with ac: loss = lossf(model(xb), y[s:s + a.bs])
-            opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-        sync(device); times.append(time.perf_counter() - t)
-    steady = float(np.median(times[1:])) if len(times) > 1 else times[0]
-    return {'arch': arch, 'mode': 'plain_recipe', 'precision': 'bf16+channels_last' if device.type == 'cuda' else 'fp32+channels_last',
-            'input': size, 'bs': a.bs, 'device': str(device), 'train_img_s': (a.n_train // a.bs) * a.bs / steady,
-            'first_epoch_s': times[0], 'steady_epoch_s': steady, 'warmup_s': times[0] - steady, 'epochs': len(times)}
-
-
-def profile(arch, a, device):
-    "The PyTorch profiler's top operators over 10 recipe training steps (after 3 warm-up steps)."
-    import torch
-    from torch.profiler import profile as tprofile, ProfilerActivity
-    from mugshotrace.train.models import face_learner, get_arch
-    spec = get_arch(arch); size = a.size or max(spec.input_size, spec.min_size)
-    dls = device_dls(a.bs * 13, size, spec.mean, spec.std, a.bs, device)
-    learn = face_learner(dls, spec, init='random', seed=0); learn.model.to(device); learn.to_channelslast(); learn.to_bf16()
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
-    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)   # warm-up
-    with tprofile(activities=acts) as prof, learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
-    key = 'cuda_time_total' if device.type == 'cuda' else 'cpu_time_total'
-    return prof.key_averages().table(sort_by=key, row_limit=15)
-
-
-def data_path(a, device, work):
-    "Images/s of today's loader and of the cache (augmentation on, after_batch on `device`), same invocation."
-    import torch
-    import bench_data as B
-    from mugshotrace.train.data import face_dataloaders
-    files = B.make_images(work / f'imgs{a.data_size}', a.data_n, a.data_size); items = B.items_for(files); cache = work / 'cache'
-    face_dataloaders(items, a.data_size, (0.5,) * 3, (0.5,) * 3, bs=a.data_bs, cache_dir=cache)   # the one-off decode
-    rows = []
-    for blk in range(a.blocks):
-        for path, cd in (('fastai', None), ('cache', cache)):
-            dls = face_dataloaders(items, a.data_size, (0.5,) * 3, (0.5,) * 3, bs=a.data_bs, aug=True, num_workers=a.workers, cache_dir=cd)
-            dls.to(device); sync(device); t = time.perf_counter(); n = 0
-            for xb, yb in dls.train: n += len(xb)
-            sync(device); s = time.perf_counter() - t
-            rows.append({'block': blk, 'path': path, 'workers': a.workers, 'size': a.data_size, 'images': n, 'seconds': s, 'img_per_s': n / s, 'device': str(device)})
-    same, nb = B.identical(items, a.data_size, a.data_bs, cache, aug=False)
-    df = pd.DataFrame(rows); df['identical_batches'] = same
+def project(res:pd.DataFrame, start_s:float=float('nan'))->pd.DataFrame:
+    "The balanced Phase 2 grid's wall time, one device, runs one after another, from the measured per-run costs."
+    r, out = BALANCED_RUN, []
+    main = res[res['mode'] == res['recipe']].set_index(['arch', 'recipe'])
+    again = res[res['mode'].str.endswith(':again')].set_index('arch')
+    start = 0.0 if np.isnan(start_s) else start_s
+    def cost(row): return r['train_images'] / row.train_img_s + r['predict_images'] / row.predict_img_s + row.build_s + row.save_s
+    plans = {'before: fastai fp32, fresh process per run': {a: BASELINE for a in res.arch.unique()},
+             'old recipe: bf16+cl for all, fresh process per run': {a: OLD_RECIPE for a in res.arch.unique()},
+             'after: fastest measured recipe, warm workers': best_recipes(res)}
+    for name, pick in plans.items():
+        warm = name.startswith('after'); tot = comp = fixed = 0.0; n = 0; missing = []
+        for a, rec in pick.items():
+            if (a, rec) not in main.index: missing.append(f'{a}:{rec}'); continue
+            row = main.loc[(a, rec)]; w = max(row.warmup_s, 0.0); k = r['runs_per_arch']; n += k
+            comp += k * (r['train_images'] / row.train_img_s + r['predict_images'] / row.predict_img_s)
+            if warm:   # one process per arch: start and first warm-up once, the other runs pay a second run's warm-up
+                w2 = max(again.loc[a, 'warmup_s'], 0.0) if a in again.index else w
+                fixed += start + w + (k - 1) * w2 + k * (row.build_s + row.save_s)
+            else: fixed += k * (start + w + row.build_s + row.save_s)
+        out.append({'plan': name, 'runs': n, 'compute_min': comp / 60, 'fixed_min': fixed / 60, 'total_min': (comp + fixed) / 60,
+                    'process_start_s': start_s, 'missing': ';'.join(missing)})
+    df = pd.DataFrame(out)
+    if len(df) and df.total_min.iloc[-1] > 0: df['speedup_vs_before'] = df.total_min.iloc[0] / df.total_min
     return df
 
 
-def project(res:pd.DataFrame)->pd.DataFrame:
-    "The balanced Phase 2 grid's wall time per mode from the measured per-run costs (bench/phase2_plan.md §2)."
-    r = BALANCED_RUN; out = []
-    for mode, d in res[res['mode'].isin(['recipe', 'fastai_fp32'])].groupby('mode'):
-        per_run = r['train_images'] / d.train_img_s + r['predict_images'] / d.predict_img_s
-        fixed = d.build_s + d.warmup_s.clip(lower=0) + d.save_s
-        out.append({'mode': mode, 'archs': len(d), 'runs': len(d) * r['runs_per_arch'],
-                    'compute_min': float((per_run * r['runs_per_arch']).sum() / 60),
-                    'fixed_min': float((fixed * r['runs_per_arch']).sum() / 60),
-                    'total_min': float(((per_run + fixed) * r['runs_per_arch']).sum() / 60)})
-    return pd.DataFrame(out)
+def gpu_measured_text(res:pd.DataFrame, compile_s:dict)->str:
+    "The measured table in the form of `train.archs.GPU_MEASURED` / `GPU_COMPILE_S` (to paste after a full-size run)."
+    d = res[res['mode'] == res['recipe']]
+    m = {a: {r.recipe: int(round(r.train_img_s)) for r in g.itertuples()} for a, g in d.groupby('arch', sort=False)}
+    return f'GPU_MEASURED = {m!r}\nGPU_COMPILE_S = {compile_s!r}\n'
 
 
-def markdown(res, data, proj, env)->str:
-    def tab(df, fmt='.2f'):
-        cols = list(df.columns)
-        rows = ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
-        for _, r in df.iterrows():
-            rows.append('| ' + ' | '.join(f'{v:{fmt}}' if isinstance(v, float) else str(v) for v in r) + ' |')
-        return '\n'.join(rows)
-    piv = res.pivot(index='arch', columns='mode', values='train_img_s')
-    if {'recipe', 'fastai_fp32'} <= set(piv.columns): piv['ratio recipe/fp32'] = piv['recipe'] / piv['fastai_fp32']
-    if {'recipe', 'plain_recipe'} <= set(piv.columns): piv['fastai overhead (plain/recipe)'] = piv['plain_recipe'] / piv['recipe']
-    dp = data.groupby('path').img_per_s.median()
-    return '\n\n'.join([
-        f"# GPU benchmark ({env['device']}, {env['when']})",
-        f"torch {env['torch']}, fastai {env['fastai']}; {env['note']}",
-        '## Training images/s (steady epoch, data on the device)', tab(piv.reset_index()),
-        '## Per-run costs', tab(res.drop(columns=['device'])),
-        f"## Data path alone ({int(data.workers.iloc[0])} workers, {int(data['size'].iloc[0])} px, augmentation on the device; "
-        f"identical batches: {bool(data.identical_batches.all())})",
-        f"median img/s: fastai {dp.get('fastai', float('nan')):.0f}, cache {dp.get('cache', float('nan')):.0f}, "
-        f"ratio {dp.get('cache', float('nan')) / dp.get('fastai', float('nan')):.2f}x",
-        '## Balanced Phase 2 grid, projected from these per-run costs (minutes; one device, runs one after another)',
-        tab(proj) if len(proj) else '(no recipe/fastai rows)'])
+def tab(df:pd.DataFrame, fmt='.2f')->str:
+    if df is None or not len(df): return '(not measured)'
+    cols = list(df.columns); rows = ['| ' + ' | '.join(map(str, cols)) + ' |', '|' + '---|' * len(cols)]
+    for _, r in df.iterrows(): rows.append('| ' + ' | '.join(f'{v:{fmt}}' if isinstance(v, float) else str(v) for v in r) + ' |')
+    return '\n'.join(rows)
+
+
+def markdown(S)->str:
+    res, env = S['res'], S['env']
+    parts = [f"# GPU benchmark ({env['device']}, {env['when']})", f"torch {env['torch']}, fastai {env['fastai']}; {env['note']}; "
+             f"elapsed {S['elapsed']():.0f} s of a {env['args']['budget_s']} s budget; skipped: {', '.join(S['skipped']) or 'nothing'}"]
+    if len(res):
+        main = res[res['mode'] == res['recipe']]
+        piv = main.pivot(index='arch', columns='recipe', values='train_img_s')
+        if BASELINE in piv:
+            for c in [c for c in piv.columns if c != BASELINE]: piv[f'{c}/fp32'] = piv[c] / piv[BASELINE]
+            best = best_recipes(res); piv['fastest'] = pd.Series(best)
+            piv['fastest/fp32'] = [piv.loc[a, best[a]] / piv.loc[a, BASELINE] if a in best else np.nan for a in piv.index]
+        plain = res[res['mode'].str.startswith('plain:')]
+        for r in plain.itertuples():
+            if r.arch in piv.index and r.recipe in piv: piv.loc[r.arch, f'fastai overhead ({r.recipe}: plain/fastai)'] = r.train_img_s / piv.loc[r.arch, r.recipe]
+        parts += ['## Training images/s (steady epoch, data on the device)', tab(piv.reset_index()),
+                  '## Per-run costs (seconds; `:again` = a second run of the arch in the same process)', tab(res.drop(columns=['device']))]
+    if S['start_s'] == S['start_s']: parts.append(f"Starting a worker process (imports + first device touch): {S['start_s']:.1f} s")
+    if S['data'] is not None:
+        data = S['data']; dp = data.groupby('path').img_per_s.median()
+        parts += [f"## Data path alone ({int(data.workers.iloc[0])} workers, {int(data['size'].iloc[0])} px, augmentation on the device; "
+                  f"identical batches: {bool(data.identical_batches.all())})",
+                  f"median img/s: fastai {dp.get('fastai', np.nan):.0f}, cache {dp.get('cache', np.nan):.0f}, ratio {dp.get('cache', np.nan) / dp.get('fastai', np.nan):.2f}x"]
+    if len(S['share']): parts += ['## Runs sharing one device (separate processes, summed images/s)', tab(pd.DataFrame(S['share']))]
+    if len(S['fid']): parts += ['## Fidelity: held-out accuracy per recipe (Wilson 95%); difference to fp32 (Newcombe 95%)', tab(P.fidelity_summary(pd.DataFrame(S['fid'])), '.3f')]
+    if S['compile_s']: parts += ['## torch.compile: one-off seconds added to the first epoch', tab(pd.DataFrame([{'arch': k, 'compile_s': v} for k, v in S['compile_s'].items()]))]
+    if len(res): parts += ['## Balanced Phase 2 grid projected from these per-run costs (minutes; one device, runs one after another)', tab(project(res, S['start_s']))]
+    if S['profile']: parts += [f"## Profiler: {S['profile'][0]}", '```\n' + S['profile'][1] + '\n```']
+    return '\n\n'.join(parts) + '\n'
+
+
+def flush(S, out:Path):
+    from mugshotrace.core import write_csv, write_text, write_json
+    res = S['res']
+    if len(res): write_csv(out / 'results.csv', res); write_csv(out / 'projection.csv', project(res, S['start_s']))
+    if S['data'] is not None: write_csv(out / 'data_path.csv', S['data'])
+    if len(S['share']): write_csv(out / 'share.csv', pd.DataFrame(S['share']))
+    if len(S['fid']): write_csv(out / 'fidelity.csv', P.fidelity_summary(pd.DataFrame(S['fid'])))
+    if len(res): write_text(out / 'gpu_measured.txt', gpu_measured_text(res, S['compile_s']))
+    S['env']['load_average_now'] = os.getloadavg()[0]; S['env']['skipped'] = S['skipped']
+    write_json(out / 'env.json', S['env']); write_text(out / 'results.md', markdown(S))
 
 
 def main(argv=None):
-    import torch
+    import torch, fastai
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--archs', default=None, help='comma-separated (default: the Phase 2 seven; toy: tiny_cnn,resnet18)')
     ap.add_argument('--toy', action='store_true', help='tiny sizes on the CPU (the default without CUDA)')
-    ap.add_argument('--device', default=None); ap.add_argument('--bs', type=int, default=None)
-    ap.add_argument('--n-train', type=int, default=None); ap.add_argument('--epochs', type=int, default=None)
-    ap.add_argument('--size', type=int, default=None, help='input side (default: each arch\'s own)')
+    ap.add_argument('--device', default=None); ap.add_argument('--out', default=None); ap.add_argument('--work', default=None)
     ap.add_argument('--aug', action='store_true', help='augmentation on the device during the training measurement')
-    ap.add_argument('--no-plain', action='store_true'); ap.add_argument('--profile', default=None, metavar='ARCH')
-    ap.add_argument('--workers', type=int, default=None); ap.add_argument('--blocks', type=int, default=None)
-    ap.add_argument('--out', default=None); ap.add_argument('--work', default=None)
+    ap.add_argument('--fidelity-data', default=None, help='a folder with images/*.jpg and labels.csv (image_id, person_id, label); default: a colour task')
+    for k, h in (('parts', 'comma-separated, of ' + ','.join(PARTS)), ('archs', 'the table\'s architectures'), ('budget-s', 'seconds; 0: no budget'),
+                 ('bs', None), ('n-train', None), ('n-valid', None), ('epochs', None), ('size', 'input side (default: each arch\'s own)'),
+                 ('workers', 'loader workers (data part)'), ('blocks', None), ('data-n', None), ('data-size', None), ('data-bs', None),
+                 ('variant-archs', None), ('variants', 'recipes measured on the variant archs'), ('plain-archs', None), ('warm-archs', None),
+                 ('share-arch', None), ('share-k', None), ('fid-archs', None), ('fid-size', None), ('fid-n', None), ('fid-seeds', None),
+                 ('fid-epochs', None), ('fid-bs', None), ('fid-lr', None), ('compile-archs', None), ('profile-arch', None)):
+        typ = float if k in ('fid-lr', 'budget-s') else int if k in INT_ARGS else str
+        ap.add_argument('--' + k, default=None, type=typ, help=h)
     a = ap.parse_args(argv)
-    from mugshotrace.core import write_csv, write_text, write_json
-    from mugshotrace.train.archs import PHASE2_ARCHS
-    import fastai
     cuda = torch.cuda.is_available() and a.device != 'cpu'
     toy = a.toy or not cuda
     device = torch.device(a.device or ('cuda' if cuda else 'cpu'))
-    d = dict(archs='tiny_cnn,resnet18', bs=8, n_train=16, epochs=2, size=32, workers=0, blocks=1, data_n=24, data_size=32, data_bs=8) if toy else \
-        dict(archs=','.join(PHASE2_ARCHS), bs=128, n_train=4096, epochs=3, size=None, workers=min(15, (os.cpu_count() or 2) - 1), blocks=2,
-             data_n=4096, data_size=299, data_bs=128)
-    for k, v in d.items():
-        if getattr(a, k, None) is None: setattr(a, k, v)
+    for k, v in defaults(toy, os.cpu_count() or 2).items():
+        if getattr(a, k) is None: setattr(a, k, v)
     if toy:
         torch.set_num_threads(1)
         import warnings; warnings.filterwarnings('ignore', message='.*CUDA is not available.*')   # to_bf16 on the CPU
     out = Path(a.out or f'bench/results/gpu-{time.strftime("%Y%m%d-%H%M%S")}'); work = Path(a.work or tempfile.mkdtemp(prefix='bench_gpu_'))
-    env = {'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({os.cpu_count()} cores)', 'when': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
-           'torch': torch.__version__, 'fastai': fastai.__version__, 'toy': toy, 'load_average': os.getloadavg()[0],
-           'note': 'toy size (CPU smoke run: the numbers are not a GPU measurement)' if toy else 'full size',
-           'args': {k: v for k, v in vars(a).items()}}
-    rows = []
-    for arch in a.archs.split(','):
-        for mode in ('recipe', 'fastai_fp32'):
-            rows.append(bench_fastai(arch, mode, a, device, work)); print(f"{arch:28s} {mode:12s} {rows[-1]['train_img_s']:9.1f} img/s  warm-up {rows[-1]['warmup_s']:6.2f} s", flush=True)
-        if not a.no_plain:
-            rows.append(bench_plain(arch, a, device)); print(f"{arch:28s} {'plain_recipe':12s} {rows[-1]['train_img_s']:9.1f} img/s", flush=True)
-    res = pd.DataFrame(rows)
-    data = data_path(a, device, work)
-    proj = project(res)
-    env['load_average_after'] = os.getloadavg()[0]
-    write_csv(out / 'results.csv', res); write_csv(out / 'data_path.csv', data); write_csv(out / 'projection.csv', proj)
-    write_json(out / 'env.json', env)
-    md = markdown(res, data, proj, env)
-    if a.profile: md += '\n\n## Profiler: ' + a.profile + ' (recipe, 10 steps)\n\n```\n' + profile(a.profile, a, device) + '\n```'
-    write_text(out / 'results.md', md + '\n')
-    print(md); print(f'\nwritten: {out}')
+    t0 = time.perf_counter()
+    env = {'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({os.cpu_count()} cores)',
+           'when': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()), 'torch': torch.__version__, 'fastai': fastai.__version__,
+           'toy': toy, 'load_average': os.getloadavg()[0], 'args': dict(vars(a)),
+           'note': 'toy size (CPU smoke run: the numbers are not a GPU measurement)' if toy else 'full size'}
+    S = dict(res=pd.DataFrame(), data=None, share=[], fid=[], compile_s={}, profile=None, start_s=float('nan'), skipped=[], env=env,
+             elapsed=lambda: time.perf_counter() - t0)
+    def go(what:str)->bool:
+        if a.budget_s and S['elapsed']() > a.budget_s: S['skipped'].append(what); print(f'skipped (time budget): {what}', flush=True); return False
+        return True
+    def add(row):
+        S['res'] = pd.concat([S['res'], pd.DataFrame([row])], ignore_index=True); flush(S, out)
+        print(f"{S['elapsed']():6.0f}s {row['arch']:26s} {row['mode']:22s} {row['train_img_s']:9.1f} img/s  warm-up {row['warmup_s']:6.2f} s", flush=True)
+    parts = [p for p in a.parts.split(',') if p]
+    bad = set(parts) - set(PARTS)
+    if bad: raise SystemExit(f'unknown parts: {sorted(bad)}; choose from {PARTS}')
+    archs = a.archs.split(',')
+    for part in [p for p in PARTS if p in parts]:
+        if part == 'table':
+            for arch in archs:
+                for rec in (BASELINE, OLD_RECIPE):
+                    if go(f'table {arch} {rec}'): add(P.train_row(arch, rec, a, device, work))
+                if arch in a.plain_archs.split(',') and go(f'plain {arch}'): add(P.plain_row(arch, OLD_RECIPE, a, device))
+        elif part == 'data' and go('data path'):
+            S['data'] = P.data_path(a, device, work); flush(S, out); print(f"{S['elapsed']():6.0f}s data path done", flush=True)
+        elif part == 'variants':
+            for arch in a.variant_archs.split(','):
+                for rec in a.variants.split(','):
+                    if go(f'variant {arch} {rec}'): add(P.train_row(arch, rec, a, device, work))
+        elif part == 'warm':
+            if go('process start'): S['start_s'] = P.process_start_s(device); flush(S, out)
+            best = best_recipes(S['res'])
+            for arch in a.warm_archs.split(','):
+                if go(f'warm {arch}'): add(P.train_row(arch, best.get(arch, OLD_RECIPE), a, device, work, tag=':again'))
+        elif part == 'share':
+            best = best_recipes(S['res']).get(a.share_arch, OLD_RECIPE)
+            for k in map(int, a.share_k.split(',')):
+                if go(f'share {a.share_arch} x{k}'):
+                    S['share'].append(P.share_row(a.share_arch, best, k, a, device)); flush(S, out); print(f"{S['elapsed']():6.0f}s share x{k}: {S['share'][-1]['img_s_total']:.0f} img/s", flush=True)
+        elif part == 'fidelity':
+            data = P.fidelity_data(a.fidelity_data, a.fid_size, device.type) if a.fidelity_data else P.colour_task(a.fid_n or 2000, a.fid_size)
+            best = best_recipes(S['res'])
+            for arch in a.fid_archs.split(','):
+                recs = [BASELINE] + [r for r in {best.get(arch, OLD_RECIPE), OLD_RECIPE} if r != BASELINE]
+                if go(f'fidelity {arch}'): S['fid'] += P.fidelity_rows(arch, recs, a, device, data); flush(S, out); print(f"{S['elapsed']():6.0f}s fidelity {arch} done", flush=True)
+        elif part == 'compile':
+            best = best_recipes(S['res'])
+            for arch in a.compile_archs.split(','):
+                rec = best.get(arch, OLD_RECIPE)
+                if not go(f'compile {arch}'): continue
+                add(P.train_row(arch, rec + '+compile', a, device, work))
+                eager = S['res'][(S['res'].arch == arch) & (S['res']['mode'] == rec)]
+                comp = S['res'].iloc[-1]
+                if len(eager): S['compile_s'][arch] = round(float(comp.warmup_s - eager.warmup_s.iloc[0]), 1); flush(S, out)
+        elif part == 'profile' and go('profile'):
+            rec = best_recipes(S['res']).get(a.profile_arch, OLD_RECIPE)
+            S['profile'] = (f'{a.profile_arch} ({rec}, 13 batches)', P.profile_table(a.profile_arch, rec, a, device)); flush(S, out)
+    flush(S, out)
+    print((out / 'results.md').read_text()); print(f'\nwritten: {out}')
     return out
 
 

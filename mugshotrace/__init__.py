@@ -57,6 +57,7 @@ Modules:
 - `mugshotrace.train.checkpoints`: Epoch checkpoints for training runs: a run killed in the middle of training resumes after its last finished epoch and ends with exactly the weights an uninterrupted run would have on the CPU (on a GPU: the same epochs, equal up to the GPU's nondeterminism).
 - `mugshotrace.train.data`: fastai DataLoaders for one run: images of one preprocessing variant, the run's sample and task, augmentations for training only, and the normalisation of the run's architecture.
 - `mugshotrace.train.models`: `face_learner` (a fastai `Learner` per architecture) and the front of `train`: the registry, weights and bundle names the other stages import.
+- `mugshotrace.train.recipe`: How a run trains on its device — precision, memory format and `torch.compile` — chosen per architecture from measurements, applied to a fastai `Learner` and undone after training.
 - `mugshotrace.train.weights`: Pretrained weights (ImageNet, and the VGGFace2 face trunk): where they come from, hash-checked, never unpickled; offline detection; a downloaded checkpoint converted to safetensors."""
 
 __version__ = "0.1.0"

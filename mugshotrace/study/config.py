@@ -17,7 +17,7 @@ from .sources import (TABLE_KEYS, LABELS_KEYS, SOURCE_KEYS, parse_sources, study
 from ..train.archs import PHASE1_ARCHS, PHASE2_ARCHS, get_arch, check_init, INIT_PRESETS
 
 # %% auto #0
-__all__ = ['TASKS', 'THATCHERS', 'SAMPLINGS', 'INVERTS', 'PRECISIONS', 'BUILTIN_GRIDS', 'EXECUTOR_OPTIONS',
+__all__ = ['TASKS', 'THATCHERS', 'SAMPLINGS', 'INVERTS', 'PRECISIONS', 'COMPILES', 'BUILTIN_GRIDS', 'EXECUTOR_OPTIONS',
            'RUNTIME_PREPROCESS_OPTIONS', 'STUDY_KEYS', 'DATA_KEYS', 'TASK_KEYS', 'RunConfig', 'expand_grid',
            'StudyData', 'StudyFile', 'check_executor_options', 'check_tasks', 'load_study', 'study_file_keys',
            'study_labels', 'manifest_path', 'preprocess_options', 'variant_options', 'check_variant', 'shipped_studies']
@@ -26,10 +26,11 @@ __all__ = ['TASKS', 'THATCHERS', 'SAMPLINGS', 'INVERTS', 'PRECISIONS', 'BUILTIN_
 TASKS = tuple(TASK_PRESETS)   # the task presets (`labels.TASK_PRESETS`); a study file may declare its own under `tasks:`
 THATCHERS = ('none', 'train', 'test', 'both')
 _NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.+-]*')
-_ID_OPTIONAL = {'thatcher': 'none'}   # fields added later: left out of the run id at their default, so older runs keep their ids
+_ID_OPTIONAL = {'thatcher': 'none', 'compile': 'auto'}   # fields added later: left out of the run id at their default, so older runs keep their ids
 SAMPLINGS = ('balanced', 'imbalanced')
 INVERTS = ('none', 'train', 'test', 'both')
-PRECISIONS = ('auto', 'fp32', 'fp16', 'bf16')
+PRECISIONS = ('auto', 'fp32', 'tf32', 'fp16', 'bf16')
+COMPILES = ('auto', 'on', 'off')
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -50,7 +51,7 @@ class RunConfig:
     size:int|None=None # input side; None: the arch's native size (never below its minimum)
     aug:bool=True # fastai augmentations (data.FACE_AUG) for training
     weighted:bool=False # class-balanced resampling of the training set
-    precision:str='auto' # 'auto' (bf16 if supported else fp16 on a GPU, fp32 on CPU), 'fp32', 'fp16', 'bf16'
+    precision:str='auto' # 'auto' (on a GPU the architecture's measured recipe, `train.archs.gpu_recipe`; fp32 on CPU), 'fp32', 'tf32', 'fp16', 'bf16'
     distributed:bool=False # train one model on several GPUs (launch with `accelerate launch`)
     seed:int=0 # seed of the sample, the initialisation and the training order
     n_per_class:int|None=1000 # images per class for balanced sampling (the seed: 1,000 per subgroup)
@@ -60,10 +61,11 @@ class RunConfig:
     test_n:int|None=None # cap per disaggregated test set
     data_hash:str='' # fingerprint of the data read (set by `fingerprint_configs`)
     thatcher:str='none' # Thatcherised faces (eyes and mouth flipped inside the upright face) at 'train', 'test', 'both' or 'none'
+    compile:str='auto' # torch.compile the model: 'auto' (on a GPU where measured to pay back within the run), 'on' or 'off'
 
     def __post_init__(self):
         if not isinstance(self.task, str) or not _NAME.fullmatch(self.task): raise UserError(f'task must be a name of letters, digits, "_", ".", "+" or "-", not {self.task!r}')
-        for f, ok in (('sampling', SAMPLINGS), ('invert', INVERTS), ('thatcher', THATCHERS), ('precision', PRECISIONS)):
+        for f, ok in (('sampling', SAMPLINGS), ('invert', INVERTS), ('thatcher', THATCHERS), ('precision', PRECISIONS), ('compile', COMPILES)):
             if getattr(self, f) not in ok: raise UserError(f'{f} must be one of {ok}, not {getattr(self, f)!r}')
         get_arch(self.arch); check_init(self.init, self.arch)
 

@@ -26,9 +26,8 @@ from .predictions import preds_frame, truth_frame
 
 # %% auto #0
 __all__ = ['PAUSE_FILE', 'read_state', 'write_config', 'set_state', 'acquire_lock', 'release_lock', 'lock_is_held',
-           'heartbeat_age', 'Heartbeat', 'InvertBatch', 'EpochLog', 'PauseFile', 'resolve_precision', 'train_learner',
-           'dataset_file_name', 'predict_items', 'other_variants', 'train_and_evaluate', 'launcher_rank',
-           'slurm_job_env', 'run_one']
+           'heartbeat_age', 'Heartbeat', 'InvertBatch', 'EpochLog', 'PauseFile', 'train_learner', 'dataset_file_name',
+           'predict_items', 'other_variants', 'train_and_evaluate', 'launcher_rank', 'slurm_job_env', 'run_one']
 
 # %% ../../nbs/api/36_study.runner.ipynb #b9321feb
 def read_state(runs_root, run_id:str)->dict:
@@ -108,7 +107,7 @@ class Heartbeat:
 
 # %% ../../nbs/api/36_study.runner.ipynb #911cdfdc
 from fastai.callback.core import Callback
-from ..train.archs import gpu_recipe
+from ..train.recipe import resolve_precision, recipe_applied
 
 class InvertBatch(Callback):
     "Rotate every input image by 180° (upside-down faces) before the model sees it."
@@ -137,18 +136,6 @@ class PauseFile(Callback):
         t0 = time.time()
         while self.path.exists() and time.time() - t0 < self.max_s: time.sleep(self.poll)
 
-def resolve_precision(precision:str, # the run's `precision` ('auto', 'fp32', 'fp16', 'bf16')
-                      arch:str, # its architecture
-                      gpu:bool, # training on a CUDA device
-                      bf16_ok:bool=True # the device supports bf16
-                     )->dict:
-    "What the run trains with: precision, channels_last and why (`auto` on a GPU: the architecture's measured recipe)."
-    if not gpu: return {'precision': 'fp32', 'channels_last': False, 'recipe_basis': 'CPU: fp32'}
-    if precision != 'auto': return {'precision': precision, 'channels_last': True, 'recipe_basis': f'precision: {precision} (asked)'}
-    r = gpu_recipe(arch)
-    prec = 'fp32' if r['precision'] == 'fp32' else ('bf16' if bf16_ok else 'fp16')
-    return {'precision': prec, 'channels_last': r['channels_last'], 'recipe_basis': r['basis']}
-
 def train_learner(learn, # a `face_learner`
                   cfg:RunConfig, # the recipe
                   log_path=None, # where `EpochLog` writes
@@ -167,30 +154,27 @@ def train_learner(learn, # a `face_learner`
         keep = (old.phase <= ck['phase']) | ((old.phase == ck['phase'] + 1) & (old.epoch.astype(int) < ck['epoch']))
         rows = old[keep].astype(str).to_dict('records')
     gpu = torch.cuda.is_available(); device = 'cuda' if gpu else 'cpu'
-    rec = resolve_precision(cfg.precision, cfg.arch, gpu, gpu and torch.cuda.is_bf16_supported()); prec = rec['precision']
+    rec = resolve_precision(cfg.precision, cfg.arch, gpu, gpu and torch.cuda.is_bf16_supported(), cfg.compile); prec = rec['precision']
     if ck: check_resume_environment(ck, device, prec, force=force_resume)
     if cfg.distributed and torch.cuda.device_count() < 2: raise UserError('distributed: true needs several GPUs (launch with `accelerate launch`)')
-    if gpu:
-        if rec['channels_last']: learn.to_channelslast()
-        if prec == 'fp16': learn.to_fp16()
-        elif prec == 'bf16': learn.to_bf16()
-    lr = ck['lr'] if ck else cfg.lr
-    if cfg.lr_find and not ck:
-        with learn.no_bar(), learn.no_logging(): lr = float(learn.lr_find(show_plot=False).valley)
-    if cfg.distributed:
-        try: import fastai.distributed  # noqa: F401  (needs `accelerate`)
-        except Exception as e: raise UserError(f'distributed training needs accelerate: pip install accelerate ({e})') from None
-        ctx = learn.distrib_ctx()
-    else: ctx = contextlib.nullcontext()
-    if cfg.init == 'random': phases = [('fit', cfg.epochs, dict(lr_max=lr))]
-    else: phases = [('frozen', cfg.freeze_epochs, dict(lr_max=slice(lr), pct_start=0.99)),      # fastai's fine_tune
-                    ('unfrozen', cfg.epochs, dict(lr_max=slice(lr / 2 / cfg.lr_mult, lr / 2), pct_start=0.3, div=5.0))]
-    first = ck['phase'] + (ck['epoch'] >= phases[ck['phase']][1]) if ck else 0     # the first phase still to run
-    cbs = ([EpochLog(log_path, rows, first)] if log_path else []) + ([InvertBatch()] if cfg.invert in ('train', 'both') else []) + list(extra_cbs)
-    with ctx, learn.no_bar(), learn.no_logging():
-        res = fit_phases(learn, phases, None if cfg.distributed else checkpoint, key, cbs, info={'lr': lr, 'device': device, 'precision': prec}, resume=ck)
-    if gpu and prec != 'fp32': learn.to_fp32()
-    return {'lr': lr, 'precision': prec, 'device': device, 'channels_last': rec['channels_last'], 'recipe_basis': rec['recipe_basis'], **res}
+    with recipe_applied(learn, rec):   # channels_last, mixed precision, TF32, compile; undone after training
+        lr = ck['lr'] if ck else cfg.lr
+        if cfg.lr_find and not ck:
+            with learn.no_bar(), learn.no_logging(): lr = float(learn.lr_find(show_plot=False).valley)
+        if cfg.distributed:
+            try: import fastai.distributed  # noqa: F401  (needs `accelerate`)
+            except Exception as e: raise UserError(f'distributed training needs accelerate: pip install accelerate ({e})') from None
+            ctx = learn.distrib_ctx()
+        else: ctx = contextlib.nullcontext()
+        if cfg.init == 'random': phases = [('fit', cfg.epochs, dict(lr_max=lr))]
+        else: phases = [('frozen', cfg.freeze_epochs, dict(lr_max=slice(lr), pct_start=0.99)),      # fastai's fine_tune
+                        ('unfrozen', cfg.epochs, dict(lr_max=slice(lr / 2 / cfg.lr_mult, lr / 2), pct_start=0.3, div=5.0))]
+        first = ck['phase'] + (ck['epoch'] >= phases[ck['phase']][1]) if ck else 0     # the first phase still to run
+        cbs = ([EpochLog(log_path, rows, first)] if log_path else []) + ([InvertBatch()] if cfg.invert in ('train', 'both') else []) + list(extra_cbs)
+        with ctx, learn.no_bar(), learn.no_logging():
+            res = fit_phases(learn, phases, None if cfg.distributed else checkpoint, key, cbs, info={'lr': lr, 'device': device, 'precision': prec}, resume=ck)
+    return {'lr': lr, 'precision': prec, 'device': device, 'channels_last': rec['channels_last'], 'compile': rec['compile'], 'recipe': rec['recipe'],
+            'recipe_basis': rec['recipe_basis'], **res}
 
 # %% ../../nbs/api/36_study.runner.ipynb #d48143ef
 def dataset_file_name(dataset:str)->str:

@@ -17,9 +17,10 @@ from .weights import (pretrained_file, weight_source, _read_state_dict, _read_we
                                        face_weights_file, face_weight_source, load_weights_file, save_weights)
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'ARCHS', 'PHASE1_ARCHS', 'PHASE2_ARCHS', 'GPU_MEASURED', 'INIT_PRESETS', 'ArchSpec',
-           'register_arch', 'get_arch', 'StageSplitter', 'split_by', 'default_archs', 'gpu_recipe', 'check_init',
-           'fetch_weights', 'n_features', 'build_model', 'convert_weights']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'ARCHS', 'PHASE1_ARCHS', 'PHASE2_ARCHS', 'GPU_MEASURED', 'GPU_COMPILE_S',
+           'GPU_PRECISIONS', 'BALANCED_TRAIN_IMAGES', 'INIT_PRESETS', 'ArchSpec', 'register_arch', 'get_arch',
+           'StageSplitter', 'split_by', 'default_archs', 'parse_recipe', 'gpu_recipe', 'check_init', 'fetch_weights',
+           'n_features', 'build_model', 'convert_weights']
 
 # %% ../../nbs/api/28_train.archs.ipynb #01e4eb28
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -162,18 +163,37 @@ PHASE1_ARCHS = ('resnet50', 'alexnet', 'inception_v4', 'legacy_seresnet50', 'leg
 PHASE2_ARCHS = ('alexnet', 'densenet161', 'inception_v4', 'resnet50', 'legacy_seresnet50', 'legacy_seresnext50_32x4d', 'vgg19_bn')
 
 # %% ../../nbs/api/28_train.archs.ipynb #8e91be2c
-GPU_MEASURED = {   # arch: (mixed bf16 + channels_last img/s, fastai fp32 img/s), one H200, issue 19
-    'alexnet': (14129, 15044), 'resnet50': (2549, 2362), 'legacy_seresnet50': (1514, 1806), 'legacy_seresnext50_32x4d': (1928, 1488),
-    'densenet161': (797, 761), 'vgg19_bn': (1998, 1191), 'inception_v4': (788, 679)}
+GPU_MEASURED = {   # arch: {recipe: steady training img/s}; one H200, torch 2.11, bs 128, data on the device (issue 19)
+    'alexnet': {'bf16+cl': 14129, 'fp32': 15044}, 'resnet50': {'bf16+cl': 2549, 'fp32': 2362},
+    'legacy_seresnet50': {'bf16+cl': 1514, 'fp32': 1806}, 'legacy_seresnext50_32x4d': {'bf16+cl': 1928, 'fp32': 1488},
+    'densenet161': {'bf16+cl': 797, 'fp32': 761}, 'vgg19_bn': {'bf16+cl': 1998, 'fp32': 1191}, 'inception_v4': {'bf16+cl': 788, 'fp32': 679}}
+GPU_COMPILE_S = {}   # arch: seconds torch.compile added to the first epoch (bench/bench_gpu.py); none measured yet
+GPU_PRECISIONS = ('fp32', 'tf32', 'bf16')
+BALANCED_TRAIN_IMAGES = 16_000   # training images of a balanced Phase 2 run (bench/phase2_plan.md §2)
 
-def gpu_recipe(arch:str)->dict:
-    "Default GPU recipe of `arch` under `precision: auto`: 'mixed' (+ channels_last) where measured faster, else fastai's 'fp32'."
+def parse_recipe(name:str # e.g. 'fp32', 'bf16+cl', 'bf16+cl+compile'
+                )->dict:
+    "The settings a recipe name stands for: precision, channels_last, compile."
+    prec, *flags = name.split('+')
+    if prec not in GPU_PRECISIONS or not set(flags) <= {'cl', 'compile'} or len(set(flags)) != len(flags):
+        raise UserError(f"a recipe is one of {'/'.join(GPU_PRECISIONS)} followed by optional '+cl' and '+compile', not {name!r}")
+    return {'precision': prec, 'channels_last': 'cl' in flags, 'compile': 'compile' in flags}
+
+def gpu_recipe(arch:str, # a registered architecture
+               train_images:int=BALANCED_TRAIN_IMAGES # training images of the run the choice is made for (compile must pay back within it)
+              )->dict:
+    "Default GPU recipe of `arch` under `precision: auto`: the measured recipe with the least training time per run."
     m = GPU_MEASURED.get(get_arch(arch).name)
-    if m is None: return {'precision': 'mixed', 'channels_last': True, 'basis': 'not measured: the mixed recipe'}
-    mixed = m[0] >= m[1]
-    return {'precision': 'mixed' if mixed else 'fp32', 'channels_last': mixed,
-            'basis': f'H200 (issue 19): mixed {m[0]} vs fp32 {m[1]} img/s ({m[0] / m[1]:.2f}x)'}
-
+    if not m: return {**parse_recipe('bf16+cl'), 'recipe': 'bf16+cl', 'basis': 'not measured: the mixed recipe'}
+    comp = GPU_COMPILE_S.get(get_arch(arch).name)
+    def seconds(r): return train_images / m[r] + (comp if parse_recipe(r)['compile'] else 0)
+    cands = [r for r in m if not parse_recipe(r)['compile'] or comp is not None]
+    best = min(cands, key=lambda r: (seconds(r), r != 'fp32'))   # ties: fastai's default
+    base = m.get('fp32')
+    vs = f', fp32 {base} img/s ({m[best] / base:.2f}x)' if base and best != 'fp32' else ''
+    basis = f"H200 (issue 19): {best} {m[best]} img/s{vs}; measured: " + ', '.join(f'{r} {v}' for r, v in m.items())
+    if parse_recipe(best)['compile']: basis += f'; compile {comp:.0f} s paid back within {train_images} training images'
+    return {**parse_recipe(best), 'recipe': best, 'basis': basis}
 
 # %% ../../nbs/api/28_train.archs.ipynb #2c0b31e9
 INIT_PRESETS = ('imagenet', 'random', *FACE_WEIGHTS)   # every other init is a path to a .safetensors file
