@@ -56,6 +56,7 @@ Modules:
 - `mugshotrace.train.cache`: Decode once: every image resized to the model's input, stored as uint8 in a memory-mapped file per size, and fastai DataLoaders whose batches are gathered from it, so that training reads no JPEG after the first epoch.
 - `mugshotrace.train.checkpoints`: Epoch checkpoints for training runs: a run killed in the middle of training resumes after its last finished epoch and ends with exactly the weights an uninterrupted run would have on the CPU (on a GPU: the same epochs, equal up to the GPU's nondeterminism).
 - `mugshotrace.train.data`: fastai DataLoaders for one run: images of one preprocessing variant, the run's sample and task, augmentations for training only, and the normalisation of the run's architecture.
+- `mugshotrace.train.memory`: How much GPU memory one training run needs, for an architecture, input size, batch size and precision: the activations autograd saves for backward (measured with one forward pass on the CPU), the parameters with their gradients and optimizer state, and stated allowances for what a CPU cannot measure.
 - `mugshotrace.train.models`: `face_learner` (a fastai `Learner` per architecture) and the front of `train`: the registry, weights and bundle names the other stages import.
 - `mugshotrace.train.weights`: Pretrained weights (ImageNet, and the VGGFace2 face trunk): where they come from, hash-checked, never unpickled; offline detection; a downloaded checkpoint converted to safetensors."""
 
