@@ -34,7 +34,7 @@ def test_runs_share_a_gpu_up_to_its_budget(tmp_path, capsys):
     todo = _configs(needs); need = {c.run_id: n for c, n in zip(todo, needs)}
     first_wave = {todo[i].run_id: 3 for i in (0, 2, 5)}   # 6 + 3 + 1: what the scheduler starts first (then nothing fits)
     rows = run_local(todo, {'dir': str(tmp_path), 'sleep': 0.3, 'rendezvous': first_wave}, tmp_path/'runs', workers=4, worker=fake_worker,
-                     budgets=[10], need=lambda c: need[c.run_id])
+                     gpu_budgets=[10], need=lambda c: need[c.run_id])
     iv = _intervals(tmp_path, todo)
     assert len(iv) == len(todo) and all(v['gpu'] == 0 for v in iv.values())          # every run ran, on the fake GPU 0
     peak_sum, peak_n = 0, 0
@@ -53,7 +53,7 @@ def test_a_measured_footprint_replaces_the_estimate(tmp_path):
     assert len({memory_key(c) for c in todo}) == 1       # same arch, size, batch and precision: one memory key
     together = {c.run_id: 4 for c in todo[1:4]}            # after the first (alone), three at a time
     rows = run_local(todo, {'dir': str(tmp_path), 'sleep': 0.3, 'footprint': 2, 'rendezvous': together}, tmp_path/'runs', workers=3, worker=fake_worker,
-                     budgets=[10], need=lambda c: 6)      # estimated 6: one at a time; measured 2 (x margin): three at a time
+                     gpu_budgets=[10], need=lambda c: 6)      # estimated 6: one at a time; measured 2 (x margin): three at a time
     iv = _intervals(tmp_path, todo)
     first = min(iv, key=lambda r: iv[r]['start'])
     assert _running_at(iv, iv[first]['start']) == [first]   # on the estimate, the first ran alone
