@@ -30,11 +30,14 @@ def _intervals(d, todo):
 def _running_at(iv, t): return [r for r, v in iv.items() if v['start'] <= t < v['end']]
 
 def test_runs_share_a_gpu_up_to_its_budget(tmp_path, capsys):
-    needs = [6, 6, 3, 3, 3, 1, 12]                       # the last needs more than the whole GPU
-    todo = _configs(needs); need = {c.run_id: n for c, n in zip(todo, needs)}
+    needs = [6, 6, 3, 3, 3, 1, 12, None]                 # 12: more than the whole GPU; None: its estimate fails
+    todo = _configs(needs); need = {c.run_id: math.inf if n is None else n for c, n in zip(todo, needs)}
+    def est(c):
+        if need[c.run_id] == math.inf: raise ValueError('cannot build it')
+        return need[c.run_id]
     first_wave = {todo[i].run_id: 3 for i in (0, 2, 5)}   # 6 + 3 + 1: what the scheduler starts first (then nothing fits)
     rows = run_local(todo, {'dir': str(tmp_path), 'sleep': 0.3, 'rendezvous': first_wave}, tmp_path/'runs', workers=4, worker=fake_worker,
-                     gpu_budgets=[10], need=lambda c: need[c.run_id])
+                     gpu_budgets=[10], need=est)
     iv = _intervals(tmp_path, todo)
     assert len(iv) == len(todo) and all(v['gpu'] == 0 for v in iv.values())          # every run ran, on the fake GPU 0
     peak_sum, peak_n = 0, 0
@@ -44,9 +47,11 @@ def test_runs_share_a_gpu_up_to_its_budget(tmp_path, capsys):
         if need[r] > 10: assert on == [r], on            # larger than the budget: alone on the GPU
         else: assert sum(need[x] for x in on) <= 10, [need[x] for x in on]
     assert peak_n >= 3 and peak_sum == 10, (peak_n, peak_sum)   # not serialised: 6+3+1 ran together
-    assert [r['need'] for r in rows] == needs and all(r['need_basis'] == 'estimate' and r['gpu'] == 0 for r in rows)
+    assert [r['need'] for r in rows] == [need[c.run_id] for c in todo] and all(r['gpu'] == 0 for r in rows)
+    assert [r['need_basis'] for r in rows] == ['estimate'] * 7 + ['unknown']
     err = capsys.readouterr().err
     assert 'on GPU 0: needs 12 (estimate); 12 of 10 in use (more than the budget: alone on the GPU)' in err, err
+    assert 'no memory estimate (ValueError: cannot build it); it runs alone on its GPU' in err, err
 
 def test_a_measured_footprint_replaces_the_estimate(tmp_path):
     todo = _configs([0] * 5, same_key=True)
