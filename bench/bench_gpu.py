@@ -17,7 +17,7 @@ it measured). Writes `results.csv`, `data_path.csv`, `share.csv`, `fidelity.csv`
 Full size wherever CUDA is present; `--toy` (the default without CUDA) runs tiny images, small architectures and a
 few batches on the CPU so that CI keeps the script working (`tests/test_bench.py`).
 
-    python bench/bench_gpu.py                               # CUDA: the 7 Phase 2 architectures, all parts, 500 s budget
+    python bench/bench_gpu.py                               # CUDA: the 7 Phase 2 architectures, all parts, 400 s budget
     python bench/bench_gpu.py --parts table,data --archs resnet50,alexnet
     python bench/bench_gpu.py --toy --out /tmp/gpu_toy      # CPU smoke run
 """
@@ -28,7 +28,7 @@ import numpy as np, pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_parts as P
 
-PARTS = ('table', 'data', 'variants', 'warm', 'share', 'fidelity', 'compile', 'profile')   # in order of importance
+PARTS = ('table', 'warm', 'data', 'variants', 'fidelity', 'share', 'compile', 'profile')   # in order of importance
 # the balanced run of bench/phase2_plan.md §2: fine_tune = 1 frozen + 4 unfrozen epochs of 3,200 training images
 # (the frozen epoch counted as a full training epoch: an upper bound), 5 × 800 validation + 4 × 1,000 test predictions
 BALANCED_RUN = dict(train_images=5 * 3200, predict_images=5 * 800 + 4 * 1000, runs_per_arch=6)
@@ -46,7 +46,7 @@ def defaults(toy:bool, ncpu:int)->dict:
                     fid_archs='tiny_cnn', fid_size=32, fid_n=96, fid_seeds=2, fid_epochs=3, fid_bs=16, fid_lr=1e-2,
                     compile_archs='tiny_cnn', profile_arch='tiny_cnn')
     return dict(archs=','.join(PHASE2_ARCHS), bs=128, n_train=2048, n_valid=1024, epochs=3, size=None, workers=min(15, ncpu - 1),
-                blocks=2, data_n=4096, data_size=299, data_bs=128, budget_s=500, parts=','.join(PARTS),
+                blocks=2, data_n=2048, data_size=299, data_bs=128, budget_s=400, parts=','.join(PARTS),
                 variant_archs='alexnet,legacy_seresnet50', variants='bf16,fp32+cl,tf32', plain_archs='alexnet,resnet50',
                 warm_archs='resnet50,densenet161', share_arch='alexnet', share_k='1,2,4', fid_archs='resnet50,vgg19_bn',
                 fid_size=128, fid_n=0, fid_seeds=2, fid_epochs=5, fid_bs=64, fid_lr=2e-3, compile_archs='resnet50', profile_arch='legacy_seresnet50')

@@ -149,7 +149,7 @@ class StudyFile:
 
 _SAFE_TEXT = re.compile(r'[A-Za-z0-9_.,:=@%+/\-]*')   # no spaces, quotes, `;`, `$`, backticks or line breaks
 EXECUTOR_OPTIONS = {   # option -> type; everything else (setup lines, srun args, extra sbatch lines, python paths) is refused
-    'name': str, 'workers': int, 'cluster': str, 'timeout_min': int, 'mem_gb': float, 'nodes': int, 'cpus_per_task': int,
+    'name': str, 'workers': int, 'gpu_memory_fraction': float, 'cluster': str, 'timeout_min': int, 'mem_gb': float, 'nodes': int, 'cpus_per_task': int,
     'gpus_per_node': int, 'tasks_per_node': int, 'stderr_to_stdout': bool,
     'slurm_partition': str, 'slurm_account': str, 'slurm_qos': str, 'slurm_gres': str, 'slurm_constraint': str,
     'slurm_exclude': str, 'slurm_nodelist': str, 'slurm_mem': str, 'slurm_mem_per_gpu': str, 'slurm_mem_per_cpu': str,

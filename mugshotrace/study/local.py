@@ -10,7 +10,8 @@ import os, sys
 import math
 from ..core import run_paths, UserError
 from ..train.memory import estimate_memory, measured_need, CUDA_CONTEXT_BYTES, GiB
-from .runner import run_one, acquire_lock, release_lock, read_state, set_state, resolve_precision
+from .runner import run_one, acquire_lock, release_lock, read_state, set_state
+from ..train.recipe import resolve_precision
 
 # %% auto #0
 __all__ = ['GPU_MEMORY_FRACTION', 'warm_key', 'local_worker', 'death_reason', 'record_dead_worker', 'memory_key', 'run_need',

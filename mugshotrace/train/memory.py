@@ -26,7 +26,7 @@ WORKSPACE_BYTES = 1 * GiB      # assumption (calibrate): cuDNN/cuBLAS workspaces
 SAFETY_FACTOR = 1.25           # assumption (calibrate): allocator rounding and fragmentation on what the allocator holds
 MEASURED_MARGIN = 1.05         # on a measured peak (`torch.cuda.max_memory_reserved` + context) reused for the next run
 OPTIMIZER_STATE_BYTES = 8      # fastai's default `Adam`: grad_avg and sqr_avg, fp32, per parameter (checked below)
-PRECISIONS = ('fp32', 'bf16', 'fp16')
+PRECISIONS = ('fp32', 'tf32', 'bf16', 'fp16')   # tf32 keeps fp32 tensors: its memory is fp32's
 
 def saved_bytes(model:nn.Module, # in the mode to measure (train mode for training)
                 x:torch.Tensor, # an input batch
@@ -74,13 +74,13 @@ def _profile(arch:str, size:int, half:bool, n_classes:int)->tuple:
 def estimate_memory(arch:str, # a registered architecture
                     size:int|None=None, # input side (None: the arch's native size; never below its minimum)
                     bs:int=32, # batch size
-                    precision:str='bf16', # 'fp32', 'bf16' or 'fp16' (mixed precision: autocast, fp32 master weights)
+                    precision:str='bf16', # 'fp32', 'tf32', 'bf16' or 'fp16' (mixed precision: autocast, fp32 master weights)
                     n_classes:int=2 # outputs of the head
                    )->MemoryEstimate:
     "The peak GPU memory a training run of `arch` needs (cached per architecture, size, precision and classes)."
     if precision not in PRECISIONS: raise UserError(f'precision must be one of {PRECISIONS}, not {precision!r}')
     spec = get_arch(arch); size = max(size or spec.input_size, spec.min_size)
-    n, per, fixed, big = _profile(spec.name, int(size), precision != 'fp32', int(n_classes))
+    n, per, fixed, big = _profile(spec.name, int(size), precision in ('bf16', 'fp16'), int(n_classes))
     params = n * (4 + 4 + OPTIMIZER_STATE_BYTES)
     acts = bs * per + fixed
     transient = bs * 3 * size * size * (1 + 4) + 2 * bs * big
