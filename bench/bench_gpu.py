@@ -21,7 +21,7 @@ few batches on the CPU so that CI keeps the script working (`tests/test_bench.py
     python bench/bench_gpu.py --parts table,data --archs resnet50,alexnet
     python bench/bench_gpu.py --toy --out /tmp/gpu_toy      # CPU smoke run
 """
-import argparse, os, sys, tempfile, time
+import argparse, os, sys, tempfile, time, traceback
 from pathlib import Path
 import numpy as np, pandas as pd
 
@@ -103,7 +103,8 @@ def tab(df:pd.DataFrame, fmt='.2f')->str:
 def markdown(S)->str:
     res, env = S['res'], S['env']
     parts = [f"# GPU benchmark ({env['device']}, {env['when']})", f"torch {env['torch']}, fastai {env['fastai']}; {env['note']}; "
-             f"elapsed {S['elapsed']():.0f} s of a {env['args']['budget_s']} s budget; skipped: {', '.join(S['skipped']) or 'nothing'}"]
+             f"elapsed {S['elapsed']():.0f} s of a {env['args']['budget_s']} s budget; skipped: {', '.join(S['skipped']) or 'nothing'}; "
+             f"failed: {'; '.join(S['errors']) or 'nothing'}"]
     if len(res):
         main = res[res['mode'] == res['recipe']]
         piv = main.pivot(index='arch', columns='recipe', values='train_img_s')
@@ -138,7 +139,7 @@ def flush(S, out:Path):
     if len(S['share']): write_csv(out / 'share.csv', pd.DataFrame(S['share']))
     if len(S['fid']): write_csv(out / 'fidelity.csv', P.fidelity_summary(pd.DataFrame(S['fid'])))
     if len(res): write_text(out / 'gpu_measured.txt', gpu_measured_text(res, S['compile_s']))
-    S['env']['load_average_now'] = os.getloadavg()[0]; S['env']['skipped'] = S['skipped']
+    S['env']['load_average_now'] = os.getloadavg()[0]; S['env']['skipped'] = S['skipped']; S['env']['errors'] = S['errors']
     write_json(out / 'env.json', S['env']); write_text(out / 'results.md', markdown(S))
 
 
@@ -172,58 +173,65 @@ def main(argv=None):
            'when': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()), 'torch': torch.__version__, 'fastai': fastai.__version__,
            'toy': toy, 'load_average': os.getloadavg()[0], 'args': dict(vars(a)),
            'note': 'toy size (CPU smoke run: the numbers are not a GPU measurement)' if toy else 'full size'}
-    S = dict(res=pd.DataFrame(), data=None, share=[], fid=[], compile_s={}, profile=None, start_s=float('nan'), skipped=[], env=env,
+    S = dict(res=pd.DataFrame(), data=None, share=[], fid=[], compile_s={}, profile=None, start_s=float('nan'), skipped=[], errors=[], env=env,
              elapsed=lambda: time.perf_counter() - t0)
-    def go(what:str)->bool:
-        if a.budget_s and S['elapsed']() > a.budget_s: S['skipped'].append(what); print(f'skipped (time budget): {what}', flush=True); return False
-        return True
+    def unit(what:str, fn):
+        "Run one unit while the budget lasts; a unit that fails is recorded and the benchmark goes on."
+        if a.budget_s and S['elapsed']() > a.budget_s:
+            S['skipped'].append(what); print(f'skipped (time budget): {what}', flush=True); return None
+        try: return fn()
+        except Exception as e:
+            S['errors'].append(f'{what}: {type(e).__name__}: {e}'[:400]); traceback.print_exc()
+            if device.type == 'cuda': torch.cuda.empty_cache()
+            flush(S, out); return None
     def add(row):
         S['res'] = pd.concat([S['res'], pd.DataFrame([row])], ignore_index=True); flush(S, out)
         print(f"{S['elapsed']():6.0f}s {row['arch']:26s} {row['mode']:22s} {row['train_img_s']:9.1f} img/s  warm-up {row['warmup_s']:6.2f} s", flush=True)
+    def note(msg): flush(S, out); print(f"{S['elapsed']():6.0f}s {msg}", flush=True)
     parts = [p for p in a.parts.split(',') if p]
     bad = set(parts) - set(PARTS)
     if bad: raise SystemExit(f'unknown parts: {sorted(bad)}; choose from {PARTS}')
-    archs = a.archs.split(',')
     for part in [p for p in PARTS if p in parts]:
+        best = best_recipes(S['res'])
         if part == 'table':
-            for arch in archs:
-                for rec in (BASELINE, OLD_RECIPE):
-                    if go(f'table {arch} {rec}'): add(P.train_row(arch, rec, a, device, work))
-                if arch in a.plain_archs.split(',') and go(f'plain {arch}'): add(P.plain_row(arch, OLD_RECIPE, a, device))
-        elif part == 'data' and go('data path'):
-            S['data'] = P.data_path(a, device, work); flush(S, out); print(f"{S['elapsed']():6.0f}s data path done", flush=True)
+            for arch in a.archs.split(','):
+                for rec in (BASELINE, OLD_RECIPE): unit(f'table {arch} {rec}', lambda: add(P.train_row(arch, rec, a, device, work)))
+                if arch in a.plain_archs.split(','): unit(f'plain {arch}', lambda: add(P.plain_row(arch, OLD_RECIPE, a, device)))
+        elif part == 'warm':
+            def start(): S['start_s'] = P.process_start_s(device); note(f"process start {S['start_s']:.1f} s")
+            unit('process start', start)
+            for arch in a.warm_archs.split(','):
+                unit(f'warm {arch}', lambda: add(P.train_row(arch, best.get(arch, OLD_RECIPE), a, device, work, tag=':again')))
+        elif part == 'data':
+            def data(): S['data'] = P.data_path(a, device, work); note('data path done')
+            unit('data path', data)
         elif part == 'variants':
             for arch in a.variant_archs.split(','):
-                for rec in a.variants.split(','):
-                    if go(f'variant {arch} {rec}'): add(P.train_row(arch, rec, a, device, work))
-        elif part == 'warm':
-            if go('process start'): S['start_s'] = P.process_start_s(device); flush(S, out)
-            best = best_recipes(S['res'])
-            for arch in a.warm_archs.split(','):
-                if go(f'warm {arch}'): add(P.train_row(arch, best.get(arch, OLD_RECIPE), a, device, work, tag=':again'))
-        elif part == 'share':
-            best = best_recipes(S['res']).get(a.share_arch, OLD_RECIPE)
-            for k in map(int, a.share_k.split(',')):
-                if go(f'share {a.share_arch} x{k}'):
-                    S['share'].append(P.share_row(a.share_arch, best, k, a, device)); flush(S, out); print(f"{S['elapsed']():6.0f}s share x{k}: {S['share'][-1]['img_s_total']:.0f} img/s", flush=True)
+                for rec in a.variants.split(','): unit(f'variant {arch} {rec}', lambda: add(P.train_row(arch, rec, a, device, work)))
         elif part == 'fidelity':
-            data = P.fidelity_data(a.fidelity_data, a.fid_size, device.type) if a.fidelity_data else P.colour_task(a.fid_n or 2000, a.fid_size)
-            best = best_recipes(S['res'])
-            for arch in a.fid_archs.split(','):
-                recs = [BASELINE] + [r for r in {best.get(arch, OLD_RECIPE), OLD_RECIPE} if r != BASELINE]
-                if go(f'fidelity {arch}'): S['fid'] += P.fidelity_rows(arch, recs, a, device, data); flush(S, out); print(f"{S['elapsed']():6.0f}s fidelity {arch} done", flush=True)
+            fdata = unit('fidelity data', lambda: P.fidelity_data(a.fidelity_data, a.fid_size, device.type) if a.fidelity_data
+                         else P.colour_task(a.fid_n or 2000, a.fid_size))
+            for arch in a.fid_archs.split(',') if fdata is not None else []:
+                recs = list(dict.fromkeys([BASELINE, best.get(arch, OLD_RECIPE), OLD_RECIPE]))
+                def fid(): S['fid'] += P.fidelity_rows(arch, recs, a, device, fdata); note(f'fidelity {arch} done')
+                unit(f'fidelity {arch}', fid)
+        elif part == 'share':
+            for k in map(int, a.share_k.split(',')):
+                def share(): S['share'].append(P.share_row(a.share_arch, best.get(a.share_arch, OLD_RECIPE), k, a, device)); note(f"share x{k}: {S['share'][-1]['img_s_total']:.0f} img/s")
+                unit(f'share {a.share_arch} x{k}', share)
         elif part == 'compile':
-            best = best_recipes(S['res'])
             for arch in a.compile_archs.split(','):
                 rec = best.get(arch, OLD_RECIPE)
-                if not go(f'compile {arch}'): continue
-                add(P.train_row(arch, rec + '+compile', a, device, work))
-                eager = S['res'][(S['res'].arch == arch) & (S['res']['mode'] == rec)]
-                comp = S['res'].iloc[-1]
-                if len(eager): S['compile_s'][arch] = round(float(comp.warmup_s - eager.warmup_s.iloc[0]), 1); flush(S, out)
-        elif part == 'profile' and go('profile'):
-            rec = best_recipes(S['res']).get(a.profile_arch, OLD_RECIPE)
-            S['profile'] = (f'{a.profile_arch} ({rec}, 13 batches)', P.profile_table(a.profile_arch, rec, a, device)); flush(S, out)
+                def comp():
+                    add(P.train_row(arch, rec + '+compile', a, device, work))
+                    res = S['res']; eager = res[(res.arch == arch) & res['mode'].isin([rec + ':again', rec])].sort_values('mode')
+                    # against an eager run of the same recipe later in the process (its autotuning already paid) where there is one
+                    if len(eager): S['compile_s'][arch] = round(float(res.iloc[-1].warmup_s - eager.warmup_s.iloc[-1]), 1); note(f'compile {arch}')
+                unit(f'compile {arch}', comp)
+        elif part == 'profile':
+            rec = best.get(a.profile_arch, OLD_RECIPE)
+            def prof(): S['profile'] = (f'{a.profile_arch} ({rec}, 13 batches)', P.profile_table(a.profile_arch, rec, a, device)); note('profile done')
+            unit('profile', prof)
     flush(S, out)
     print((out / 'results.md').read_text()); print(f'\nwritten: {out}')
     return out

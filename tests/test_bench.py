@@ -68,3 +68,12 @@ def test_bench_gpu_budget(tmp_path):
     done = [f'table {a} {m}' for a, m in zip(res.arch, res['mode'])]
     assert done + env['skipped'] == planned and len(done) >= 1 and 'data path' in env['skipped']   # every unit measured or said skipped
     assert 'skipped: ' in (out / 'results.md').read_text()
+
+
+def test_bench_gpu_failing_unit(tmp_path):
+    "A unit that fails (here an unknown architecture) is recorded with its error and the benchmark goes on."
+    out = _load('bench_gpu').main(['--toy', '--out', str(tmp_path / 'out'), '--work', str(tmp_path / 'w'), '--archs', 'no_such_arch,tiny_cnn',
+                                   '--epochs', '2', '--parts', 'table', '--plain-archs', 'none'])
+    res = pd.read_csv(out / 'results.csv'); env = json.loads((out / 'env.json').read_text())
+    assert list(res['mode']) == ['fp32', 'bf16+cl'] and (res.arch == 'tiny_cnn').all()
+    assert len(env['errors']) == 2 and all(e.startswith('table no_such_arch') and 'unknown architecture' in e for e in env['errors'])
