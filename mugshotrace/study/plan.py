@@ -16,14 +16,15 @@ from .config import (RunConfig, StudyData, StudyFile, BUILTIN_GRIDS, load_study,
                                       study_labels)
 from .runner import read_state
 from ..config import ResultMixin
-from ..train.archs import get_arch
+from ..train.archs import get_arch, GPU_MEASURED
+from ..train.recipe import resolve_precision
 from ..labels.tables import get_task
 from ..labels.sampling import make_sample
 
 # %% auto #0
-__all__ = ['ARCH_GFLOPS', 'H200_TRAIN', 'ASSUMED_TFLOPS', 'ASSUMED_WARMUP_S', 'PREDICT_SPEEDUP', 'LR_FIND_ITERS', 'grid_axes',
-           'resolve_study', 'list_studies', 'run_size', 'image_gflops', 'run_work', 'sample_sizes', 'PlanResult',
-           'plan_runs', 'format_plan']
+__all__ = ['ARCH_GFLOPS', 'H200_WARMUP', 'ASSUMED_TFLOPS', 'ASSUMED_WARMUP_S', 'PREDICT_SPEEDUP', 'LR_FIND_ITERS', 'grid_axes',
+           'resolve_study', 'list_studies', 'run_size', 'image_gflops', 'h200_rate', 'run_work', 'sample_sizes',
+           'PlanResult', 'plan_runs', 'format_plan']
 
 # %% ../../nbs/api/35_study.plan.ipynb #5a13124a
 def _read_yaml(p:Path)->dict:
@@ -100,10 +101,9 @@ ARCH_GFLOPS = {   # arch -> (native input side, forward GFLOPs per image): bench
     # the same method (FlopCounterMode on build_model(arch, 2), batch 1), run for this table [measured]
     'vgg16_bn': (224, 30.69), 'resnet18': (224, 3.63), 'densenet121': (224, 5.67), 'tiny_cnn': (64, 0.023),
 }
-H200_TRAIN = {   # arch -> (training images/s with the package's recipe, first-epoch warm-up s): phase2_plan.md §3 [measured]
-    'alexnet': (14129, 5.8), 'resnet50': (2549, 12.2), 'legacy_seresnet50': (1514, 5.3),
-    'legacy_seresnext50_32x4d': (1928, 9.9), 'densenet161': (797, 29.3), 'vgg19_bn': (1998, 3.4), 'inception_v4': (788, 15.4),
-}
+H200_WARMUP = {   # arch -> first-epoch warm-up (s) on one H200: phase2_plan.md §3 [measured]
+    'alexnet': 5.8, 'resnet50': 12.2, 'legacy_seresnet50': 5.3, 'legacy_seresnext50_32x4d': 9.9, 'densenet161': 29.3, 'vgg19_bn': 3.4,
+    'inception_v4': 15.4}
 ASSUMED_TFLOPS, ASSUMED_WARMUP_S = 55.5, 9.9   # medians of §3's effective TFLOPS and warm-ups, for unmeasured archs [assumed]
 PREDICT_SPEEDUP = 3.0   # predictions at 3x the training rate (phase2_plan.md §4) [assumed]
 LR_FIND_ITERS = 100     # fastai's lr_find default
@@ -119,6 +119,11 @@ def image_gflops(arch:str, size:int)->float|None:
     native, g = ARCH_GFLOPS[arch]
     return g * (size / native) ** 2
 
+def h200_rate(cfg:RunConfig)->float|None:
+    "Measured H200 training images/s of the recipe the run trains with on a GPU (`train.archs.GPU_MEASURED`), at the arch's native size; None if not measured."
+    rec = resolve_precision(cfg.precision, cfg.arch, gpu=True, compile=cfg.compile)['recipe']
+    return GPU_MEASURED.get(cfg.arch, {}).get(rec)
+
 def run_work(cfg:RunConfig, # the run
              n_train:int, n_valid:int, # its training and validation images
              n_test:int # every prediction on test sets (all test sets × the variants they are predicted on)
@@ -129,9 +134,9 @@ def run_work(cfg:RunConfig, # the run
     pred_fwd = (frozen + cfg.epochs) * n_valid + n_valid + n_test
     fwd = train_fwd + pred_fwd
     size = run_size(cfg); g = image_gflops(cfg.arch, size)
-    if cfg.arch in H200_TRAIN:
-        img_s, warm = H200_TRAIN[cfg.arch]; native = ARCH_GFLOPS[cfg.arch][0]
-        img_s = img_s * (native / size) ** 2
+    if h200_rate(cfg) is not None and cfg.arch in ARCH_GFLOPS:
+        native = ARCH_GFLOPS[cfg.arch][0]
+        img_s, warm = h200_rate(cfg) * (native / size) ** 2, H200_WARMUP.get(cfg.arch, ASSUMED_WARMUP_S)
     elif g is not None: img_s, warm = ASSUMED_TFLOPS * 1e3 / (3 * g), ASSUMED_WARMUP_S
     else: img_s = warm = None
     secs = None if img_s is None else train_fwd / (3 * img_s) + pred_fwd / (3 * img_s * PREDICT_SPEEDUP) + warm
