@@ -24,16 +24,19 @@ def test_train_learner_recipe_on_gpu(arch, compile_, want):
     from mugshotrace.study.config import RunConfig
     from mugshotrace.study.runner import train_learner
     learn = _learner(arch, 64)
-    seen = []
+    seen, dtypes = [], []
     from fastai.callback.core import Callback
     class Spy(Callback):
         order = 99
-        def after_pred(self): seen.append((self.pred.dtype, [c.amp_mode.value for c in self.learn.cbs if isinstance(c, MixedPrecision)]))
+        def after_pred(self): seen.append([c.amp_mode.value for c in self.learn.cbs if isinstance(c, MixedPrecision)])
+    # the model's own output type, inside autocast (MixedPrecision casts `pred` back to float before other callbacks see it)
+    hook = learn.model.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
     used = train_learner(learn, RunConfig(arch=arch, init='random', epochs=1, compile=compile_, size=64), extra_cbs=(Spy(),))
+    hook.remove()
     assert used['recipe'] == want and used['device'] == 'cuda'
     half = want.startswith('bf16')
-    assert all(m == (['bf16'] if half else []) for _, m in seen)
-    assert all(d == (torch.bfloat16 if half else torch.float32) for d, _ in seen if d.is_floating_point)
+    assert seen and all(m == (['bf16'] if half else []) for m in seen)
+    assert dtypes and all(d == (torch.bfloat16 if half else torch.float32) for d in dtypes)
     assert not any(isinstance(c, MixedPrecision) for c in learn.cbs) and learn.model._compiled_call_impl is None
 
 
