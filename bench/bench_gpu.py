@@ -52,11 +52,12 @@ def defaults(toy:bool, ncpu:int)->dict:
                 fid_size=128, fid_n=0, fid_seeds=2, fid_epochs=5, fid_bs=64, fid_lr=2e-3, compile_archs='resnet50', profile_arch='legacy_seresnet50')
 
 
-def best_recipes(res:pd.DataFrame)->dict:
-    "Per arch, the measured recipe (no compile) with the most training images/s."
+def best_recipes(res:pd.DataFrame, compile_s:dict|None=None)->dict:
+    "Per arch, the recipe the package would choose from these measurements (`train.archs.choose_recipe`)."
+    from mugshotrace.train.archs import choose_recipe
     if not len(res): return {}
-    d = res[(res['mode'] == res['recipe']) & ~res['recipe'].str.contains('compile')]
-    return {a: g.loc[g.train_img_s.idxmax(), 'recipe'] for a, g in d.groupby('arch')}
+    d = res[res['mode'] == res['recipe']]
+    return {a: choose_recipe(dict(zip(g.recipe, g.train_img_s)), (compile_s or {}).get(a)) for a, g in d.groupby('arch')}
 
 
 def project(res:pd.DataFrame, start_s:float=float('nan'))->pd.DataFrame:
@@ -112,6 +113,13 @@ def markdown(S)->str:
             for c in [c for c in piv.columns if c != BASELINE]: piv[f'{c}/fp32'] = piv[c] / piv[BASELINE]
             best = best_recipes(res); piv['fastest'] = pd.Series(best)
             piv['fastest/fp32'] = [piv.loc[a, best[a]] / piv.loc[a, BASELINE] if a in best else np.nan for a in piv.index]
+            rng = main.set_index(['arch', 'recipe'])
+            def verdict(a):   # against the spread of the steady epochs: the fastest's slowest epoch vs fp32's fastest one
+                if a not in best or (a, BASELINE) not in rng.index: return ''
+                f, b = rng.loc[(a, best[a])], rng.loc[(a, BASELINE)]
+                return 'fp32' if best[a] == BASELINE else 'faster' if f.train_img_s_low > b.train_img_s_high else \
+                       'slower' if f.train_img_s_high < b.train_img_s_low else 'within epoch spread'
+            piv['fastest vs fp32'] = [verdict(a) for a in piv.index]
         plain = res[res['mode'].str.startswith('plain:')]
         for r in plain.itertuples():
             if r.arch in piv.index and r.recipe in piv: piv.loc[r.arch, f'fastai overhead ({r.recipe}: plain/fastai)'] = r.train_img_s / piv.loc[r.arch, r.recipe]

@@ -71,6 +71,12 @@ def epoch_timer(device):
     return EpochTimer()
 
 
+def steady_range(epoch_s:list, n:int)->dict:
+    "Slowest and fastest steady epoch as images/s (the spread a ratio between recipes must exceed to mean anything)."
+    st = epoch_s[1:] or epoch_s
+    return {'train_img_s_low': n / max(st), 'train_img_s_high': n / min(st)}
+
+
 def recipe_for(recipe:str, device)->dict:
     "The runner's settings for a recipe name; on the CPU autocast is inactive, so the precision is fp32 there."
     from mugshotrace.train.archs import parse_recipe
@@ -101,7 +107,8 @@ def train_row(arch, recipe, a, device, work, tag='')->dict:
     with learn.no_bar(): learn.get_preds(dl=test)     # fp32, eager: what the runner predicts with after training
     sync(device); pred = time.perf_counter() - t
     return {'arch': arch, 'mode': recipe + tag, 'recipe': recipe, 'input': size, 'bs': a.bs, 'device': str(device),
-            'train_img_s': (a.n_train // a.bs) * a.bs / steady, 'first_epoch_s': ep[0], 'steady_epoch_s': steady,
+            'train_img_s': (a.n_train // a.bs) * a.bs / steady, **steady_range(ep, (a.n_train // a.bs) * a.bs),
+            'first_epoch_s': ep[0], 'steady_epoch_s': steady,
             'warmup_s': ep[0] - steady, 'build_s': build, 'save_s': save, 'predict_img_s': n_pred / pred,
             'peak_gib': peak, 'epochs': len(ep)}
 
@@ -128,7 +135,8 @@ def plain_row(arch, recipe, a, device)->dict:
         sync(device); times.append(time.perf_counter() - t)
     steady = float(np.median(times[1:])) if len(times) > 1 else times[0]
     return {'arch': arch, 'mode': 'plain:' + recipe, 'recipe': recipe, 'input': size, 'bs': a.bs, 'device': str(device),
-            'train_img_s': (a.n_train // a.bs) * a.bs / steady, 'first_epoch_s': times[0], 'steady_epoch_s': steady,
+            'train_img_s': (a.n_train // a.bs) * a.bs / steady, **steady_range(times, (a.n_train // a.bs) * a.bs),
+            'first_epoch_s': times[0], 'steady_epoch_s': steady,
             'warmup_s': times[0] - steady, 'epochs': len(times)}
 
 
@@ -216,18 +224,13 @@ def fidelity_data(folder, size, device_type):
     "uint8 image tensors and 0/1 labels of a prepared folder (`images/*.jpg`, `labels.csv`: image_id, person_id, label), split by person."
     import torch
     from PIL import Image
+    from mugshotrace.labels.sampling import keyed_uniform   # the package's person split
     lab = pd.read_csv(Path(folder) / 'labels.csv')
-    valid = lab.person_id.map(lambda p: hash_share(p) < 0.25).to_numpy()
+    valid = lab.person_id.map(lambda p: keyed_uniform(0, str(p), 'fidelity') < 0.25).to_numpy()
     x = np.stack([np.asarray(Image.open(Path(folder) / 'images' / f'{i}.jpg').convert('RGB').resize((size, size), Image.BILINEAR)) for i in lab.image_id])
     x = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(); y = torch.as_tensor((lab.label == sorted(lab.label.unique())[0]).to_numpy().astype(np.int64))
     v = torch.from_numpy(valid)
     return x[~v], y[~v], x[v], y[v]
-
-
-def hash_share(s:str)->float:
-    "A stable number in [0, 1) from a string (the person split)."
-    import hashlib
-    return int(hashlib.sha256(str(s).encode()).hexdigest()[:8], 16) / 16**8
 
 
 def colour_task(n, size, seed=0):

@@ -57,17 +57,17 @@ def test_bench_gpu_toy(tmp_path):
     assert 'toy size' in md and 'Balanced Phase 2 grid' in md and 'fastest/fp32' in md and 'Fidelity' in md
     txt = (out / 'gpu_measured.txt').read_text(); ns = {}; exec(txt, ns)
     assert set(ns['GPU_MEASURED']['tiny_cnn']) == {'fp32', 'bf16+cl', 'bf16'}
+    assert (fx.train_img_s_low <= fx.train_img_s + 1e-9).all() and (fx.train_img_s <= fx.train_img_s_high + 1e-9).all()
+    assert 'fastest vs fp32' in md
 
 
 def test_bench_gpu_budget(tmp_path):
-    "A spent time budget skips the remaining units and says so; what was measured is still written."
+    "A spent time budget skips every remaining unit and says so (a budget of 1 ns: deterministic, every unit skipped)."
     out = _load('bench_gpu').main(['--toy', '--out', str(tmp_path / 'out'), '--work', str(tmp_path / 'w'), '--archs', 'tiny_cnn,resnet18',
-                                   '--epochs', '2', '--parts', 'table,data', '--budget-s', '0.5', '--plain-archs', 'none'])
-    res = pd.read_csv(out / 'results.csv'); env = json.loads((out / 'env.json').read_text())
-    planned = [f'table {a} {r}' for a in ('tiny_cnn', 'resnet18') for r in ('fp32', 'bf16+cl')] + ['data path']
-    done = [f'table {a} {m}' for a, m in zip(res.arch, res['mode'])]
-    assert done + env['skipped'] == planned and len(done) >= 1 and 'data path' in env['skipped']   # every unit measured or said skipped
-    assert 'skipped: ' in (out / 'results.md').read_text()
+                                   '--epochs', '2', '--parts', 'table,data', '--budget-s', '1e-9', '--plain-archs', 'none'])
+    env = json.loads((out / 'env.json').read_text())
+    assert env['skipped'] == [f'table {a} {r}' for a in ('tiny_cnn', 'resnet18') for r in ('fp32', 'bf16+cl')] + ['data path']
+    assert not (out / 'results.csv').exists() and 'skipped: table tiny_cnn fp32' in (out / 'results.md').read_text()
 
 
 def test_bench_gpu_failing_unit(tmp_path):

@@ -19,8 +19,8 @@ from .weights import (pretrained_file, weight_source, _read_state_dict, _read_we
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'ARCHS', 'PHASE1_ARCHS', 'PHASE2_ARCHS', 'GPU_MEASURED', 'GPU_COMPILE_S',
            'GPU_PRECISIONS', 'BALANCED_TRAIN_IMAGES', 'INIT_PRESETS', 'ArchSpec', 'register_arch', 'get_arch',
-           'StageSplitter', 'split_by', 'default_archs', 'parse_recipe', 'gpu_recipe', 'check_init', 'fetch_weights',
-           'n_features', 'build_model', 'convert_weights']
+           'StageSplitter', 'split_by', 'default_archs', 'parse_recipe', 'choose_recipe', 'gpu_recipe', 'check_init',
+           'fetch_weights', 'n_features', 'build_model', 'convert_weights']
 
 # %% ../../nbs/api/28_train.archs.ipynb #01e4eb28
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -179,16 +179,23 @@ def parse_recipe(name:str # e.g. 'fp32', 'bf16+cl', 'bf16+cl+compile'
         raise UserError(f"a recipe is one of {'/'.join(GPU_PRECISIONS)} followed by optional '+cl' and '+compile', not {name!r}")
     return {'precision': prec, 'channels_last': 'cl' in flags, 'compile': 'compile' in flags}
 
+def choose_recipe(measured:dict, # {recipe: steady training img/s} of one architecture
+                  compile_s:float|None=None, # seconds torch.compile adds to a run (None: not measured)
+                  train_images:int=BALANCED_TRAIN_IMAGES # training images of the run (compile must pay back within it)
+                 )->str:
+    "The measured recipe with the least training time per run; ties go to fastai's fp32, compile only with a measured cost."
+    def seconds(r): return train_images / measured[r] + (compile_s if parse_recipe(r)['compile'] else 0)
+    cands = [r for r in measured if not parse_recipe(r)['compile'] or compile_s is not None]
+    return min(cands, key=lambda r: (seconds(r), r != 'fp32'))
+
 def gpu_recipe(arch:str, # a registered architecture
                train_images:int=BALANCED_TRAIN_IMAGES # training images of the run the choice is made for (compile must pay back within it)
               )->dict:
-    "Default GPU recipe of `arch` under `precision: auto`: the measured recipe with the least training time per run."
+    "Default GPU recipe of `arch` under `precision: auto`: `choose_recipe` on its measurements (`GPU_MEASURED`)."
     m = GPU_MEASURED.get(get_arch(arch).name)
     if not m: return {**parse_recipe('bf16+cl'), 'recipe': 'bf16+cl', 'basis': 'not measured: the mixed recipe'}
     comp = GPU_COMPILE_S.get(get_arch(arch).name)
-    def seconds(r): return train_images / m[r] + (comp if parse_recipe(r)['compile'] else 0)
-    cands = [r for r in m if not parse_recipe(r)['compile'] or comp is not None]
-    best = min(cands, key=lambda r: (seconds(r), r != 'fp32'))   # ties: fastai's default
+    best = choose_recipe(m, comp, train_images)
     base = m.get('fp32')
     vs = f', fp32 {base} img/s ({m[best] / base:.2f}x)' if base and best != 'fp32' else ''
     basis = f"H200 (issue 19): {best} {m[best]} img/s{vs}; measured: " + ', '.join(f'{r} {v}' for r, v in m.items())
